@@ -1,0 +1,36 @@
+"""walex: Postgres change data capture for Python.
+
+Every insert, update, delete, truncate and logical message on the tables of a
+publication, as Python values, in commit order, delivered at least once.
+
+Example::
+
+    import walex
+
+    async with walex.connect("postgresql://localhost/app", publication="events",
+                             slot="app", durable=True) as stream:
+        async for batch in stream:
+            for event in batch.events:
+                print(event.type, event.table, event.new_record)
+"""
+
+from . import errors
+from .errors import WalexError
+from .events import Batch, Event, Source, Transaction
+from .lsn import LSN
+from .stream import Stream, connect
+
+__all__ = [
+    "LSN",
+    "Batch",
+    "Event",
+    "Source",
+    "Stream",
+    "Transaction",
+    "WalexError",
+    "__version__",
+    "connect",
+    "errors",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,218 @@
+"""Checks and set-up over a normal (SQL) connection: is the server ready?
+
+:func:`preflight` runs before walex opens a replication connection, so that a
+misconfigured server is reported with what to change instead of as a
+protocol error halfway through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from .errors import (
+    AuthenticationFailed,
+    ConnectionFailed,
+    NoFreeReplicationSlots,
+    PublicationNotFound,
+    ReplicationNotPermitted,
+    ServerTooOld,
+    SlotInvalidated,
+    SlotNotFound,
+    WalLevelNotLogical,
+)
+from .lsn import LSN
+
+__all__ = ["ServerFacts", "SlotInfo", "connect_sql", "preflight", "slot_info"]
+
+
+@dataclass(frozen=True, slots=True)
+class SlotInfo:
+    """A row of ``pg_replication_slots``."""
+
+    name: str
+    plugin: str | None
+    slot_type: str
+    database: str | None
+    temporary: bool
+    active_pid: int | None
+    confirmed_flush_lsn: LSN | None
+    wal_status: str | None
+    two_phase: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ServerFacts:
+    """What walex learned about the server before streaming."""
+
+    version_num: int
+    database: str
+    slot: SlotInfo | None
+
+
+async def connect_sql(dsn: str, connect_timeout: float = 30.0) -> psycopg.AsyncConnection[Any]:
+    """A normal autocommit connection, with connection errors made walex's."""
+    try:
+        return await psycopg.AsyncConnection.connect(
+            dsn,
+            autocommit=True,
+            connect_timeout=max(1, int(connect_timeout)),
+            application_name="walex-catalog",
+        )
+    except psycopg.OperationalError as exc:
+        raise connection_error(exc) from exc
+    except psycopg.ProgrammingError as exc:
+        raise ConnectionFailed(f"invalid connection string: {exc}") from exc
+
+
+def connection_error(exc: Exception) -> ConnectionFailed:
+    """Translate a psycopg connection failure."""
+    msg = str(exc).strip()
+    low = msg.lower()
+    if "authentication failed" in low or "no password supplied" in low:
+        return AuthenticationFailed(
+            f"the server refused the login ({msg}); check the user name and password"
+        )
+    if "does not exist" in low and "database" in low:
+        return ConnectionFailed(f"{msg}; check the database name")
+    return ConnectionFailed(
+        f"could not connect to the server ({msg}); check the host, port and that it is running"
+    )
+
+
+async def slot_info(conn: psycopg.AsyncConnection[Any], slot: str) -> SlotInfo | None:
+    """The slot named *slot*, or ``None``."""
+    version = conn.info.server_version
+    two_phase = "two_phase" if version >= 140000 else "false"
+    wal_status = "wal_status" if version >= 130000 else "NULL"
+    cur = await conn.execute(
+        f"""
+        SELECT slot_name::text, plugin::text, slot_type, database::text, temporary,
+               active_pid, confirmed_flush_lsn::text, {wal_status}, {two_phase}
+          FROM pg_replication_slots WHERE slot_name = %s
+        """,
+        (slot,),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    return SlotInfo(
+        name=row[0],
+        plugin=row[1],
+        slot_type=row[2],
+        database=row[3],
+        temporary=bool(row[4]),
+        active_pid=row[5],
+        confirmed_flush_lsn=LSN.parse(row[6]) if row[6] else None,
+        wal_status=row[7],
+        two_phase=bool(row[8]),
+    )
+
+
+async def preflight(
+    conn: psycopg.AsyncConnection[Any],
+    *,
+    publications: list[str],
+    slot: str,
+    durable: bool,
+    create_slot: bool,
+    binary: bool = False,
+    streaming: bool = False,
+    two_phase: bool = False,
+    origin: str | None = None,
+) -> ServerFacts:
+    """Check that the server can stream *publications* through *slot*.
+
+    Raises:
+        ServerTooOld, WalLevelNotLogical, PublicationNotFound,
+        ReplicationNotPermitted, SlotNotFound, SlotInvalidated,
+        NoFreeReplicationSlots: each with what to change.
+    """
+    version = conn.info.server_version
+    if version < 100000:
+        raise ServerTooOld(f"walex needs Postgres 10 or newer; this server is {version}")
+    for option, needed, what in (
+        (binary, 140000, "binary=True"),
+        (streaming, 140000, "streaming=True"),
+        (two_phase, 150000, "two_phase=True"),
+        (origin is not None, 160000, "origin="),
+    ):
+        if option and version < needed:
+            raise ServerTooOld(
+                f"{what} needs Postgres {needed // 10000} or newer; this server is "
+                f"{version // 10000}. Leave the option out."
+            )
+
+    cur = await conn.execute(
+        """
+        SELECT current_setting('wal_level'), current_database(),
+               (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user),
+               current_user,
+               current_setting('max_replication_slots')::int,
+               (SELECT count(*) FROM pg_replication_slots)
+        """
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    wal_level, database, can_replicate, user, max_slots, used_slots = row
+    if wal_level != "logical":
+        raise WalLevelNotLogical(
+            f"wal_level is {wal_level!r}; logical replication needs 'logical'. Run "
+            "ALTER SYSTEM SET wal_level = 'logical'; then restart Postgres "
+            "(on managed services set it in the parameter group, e.g. rds.logical_replication = 1)"
+        )
+    if not can_replicate:
+        raise ReplicationNotPermitted(
+            f"the role {user!r} may not stream changes; run "
+            f'ALTER ROLE "{user}" WITH REPLICATION; (as a superuser)'
+        )
+    cur = await conn.execute(
+        "SELECT pubname::text FROM pg_publication WHERE pubname = ANY(%s)", (publications,)
+    )
+    found = {r[0] for r in await cur.fetchall()}
+    missing = [p for p in publications if p not in found]
+    if missing:
+        names = ", ".join(repr(p) for p in missing)
+        raise PublicationNotFound(
+            f"publication {names} does not exist in database {database!r}; create it, e.g. "
+            f'CREATE PUBLICATION "{missing[0]}" FOR TABLE my_table; '
+            "(or FOR ALL TABLES), or run walex setup"
+        )
+    info = await slot_info(conn, slot)
+    if info is not None:
+        if info.slot_type != "logical" or info.plugin != "pgoutput":
+            raise SlotInvalidated(
+                f"slot {slot!r} exists but is a {info.slot_type} slot for plugin "
+                f"{info.plugin!r}; walex needs a logical slot for 'pgoutput'. "
+                "Choose another slot name, or drop it: "
+                f"SELECT pg_drop_replication_slot('{slot}');"
+            )
+        if info.database != database:
+            raise SlotInvalidated(
+                f"slot {slot!r} belongs to database {info.database!r}, not {database!r}; "
+                "choose another slot name"
+            )
+        if info.wal_status == "lost":
+            raise SlotInvalidated(
+                f"slot {slot!r} is invalidated (wal_status = lost): the server removed WAL "
+                "it still needed, so changes were lost. Drop it "
+                f"(SELECT pg_drop_replication_slot('{slot}');) and start again, "
+                "re-reading the tables if you need every row; raise "
+                "max_slot_wal_keep_size to keep this from happening again"
+            )
+    elif not durable:
+        pass
+    elif not create_slot:
+        raise SlotNotFound(
+            f"replication slot {slot!r} does not exist and create_slot is off; create it "
+            f"(SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput');) "
+            "or let walex create it"
+        )
+    if info is None and used_slots >= max_slots:
+        raise NoFreeReplicationSlots(
+            f"all {max_slots} replication slots are in use; drop unused ones "
+            "(see pg_replication_slots) or raise max_replication_slots and restart Postgres"
+        )
+    return ServerFacts(version_num=version, database=database, slot=info)

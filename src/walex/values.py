@@ -1,0 +1,275 @@
+"""Column values: raw pgoutput bytes → Python objects, by psycopg's loaders.
+
+Each table gets a :class:`RelationCodec` when the server describes it (a
+Relation message). The codec holds two psycopg transformers, one for text and
+one for binary values, set up for the table's column types, so that a whole
+row is loaded by one call into psycopg's C code.
+
+Types psycopg does not know (enums, domains, composites, ranges over them,
+hstore, arrays of these) are looked up once in the catalog over a normal
+connection and registered in walex's own adapters map. A type that nothing
+knows arrives as its text (or, in binary mode, as its raw bytes).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.adapt import AdaptersMap, Transformer
+from psycopg.pq import Format
+from psycopg.types import TypeInfo
+from psycopg.types.composite import CompositeInfo, register_composite
+from psycopg.types.hstore import register_hstore
+from psycopg.types.multirange import MultirangeInfo, register_multirange
+from psycopg.types.range import RangeInfo, register_range
+from psycopg.types.string import TextBinaryLoader, TextLoader
+
+from .events import REPLICA_IDENTITY, Source
+from .pgoutput.messages import UNCHANGED_TOAST, Relation, TupleData
+
+__all__ = ["RelationCodec", "TypeResolver", "make_adapters"]
+
+logger = logging.getLogger(__name__)
+
+_TEXT = Format.TEXT
+_BINARY = Format.BINARY
+
+
+def make_adapters() -> AdaptersMap:
+    """A private adapters map for walex, with a fast JSON loader if installed."""
+    adapters = AdaptersMap(psycopg.adapters)
+    try:
+        import orjson
+    except ImportError:  # pragma: no cover - orjson is optional
+        pass
+    else:
+        from psycopg.types.json import set_json_loads
+
+        set_json_loads(orjson.loads, adapters)
+    return adapters
+
+
+class TypeResolver:
+    """Registers loaders for types psycopg does not know, looked up once.
+
+    Args:
+        adapters: where to register the loaders.
+    """
+
+    def __init__(self, adapters: AdaptersMap) -> None:
+        self.adapters = adapters
+        self._seen: set[int] = set()
+
+    def unknown(self, oids: Sequence[int]) -> list[int]:
+        """The OIDs among *oids* that are neither known nor looked up yet."""
+        types = self.adapters.types
+        return [o for o in set(oids) if o not in self._seen and types.get(o) is None]
+
+    async def resolve(self, conn: psycopg.AsyncConnection[Any], oids: Sequence[int]) -> None:
+        """Look up *oids* in the catalog and register a loader for each."""
+        todo = self.unknown(oids)
+        while todo:
+            rows = await (
+                await conn.execute(
+                    """
+                    SELECT t.oid::int8, n.nspname, t.typname, t.typtype, t.typbasetype::int8,
+                           t.typelem::int8, t.typarray::int8, t.typcategory,
+                           e.extname
+                      FROM pg_type t
+                      JOIN pg_namespace n ON n.oid = t.typnamespace
+                      LEFT JOIN pg_depend d ON d.classid = 'pg_type'::regclass
+                           AND d.objid = t.oid AND d.deptype = 'e'
+                      LEFT JOIN pg_extension e ON e.oid = d.refobjid
+                     WHERE t.oid = ANY(%s)
+                    """,
+                    (todo,),
+                )
+            ).fetchall()
+            self._seen.update(todo)
+            found = {r[0] for r in rows}
+            for oid in todo:
+                if oid not in found:
+                    logger.warning("type OID %s is not in the catalog; its values stay text", oid)
+            follow: list[int] = []
+            for oid, nsp, name, typtype, base, elem, array, category, ext in rows:
+                if category == "A" and elem:
+                    # An array of a type we do not know yet: load the element
+                    # type; registering it registers its array too.
+                    if self.adapters.types.get(elem) is None:
+                        follow.append(elem)
+                    continue
+                try:
+                    await self._register(conn, oid, nsp, name, typtype, base, array, ext)
+                except (psycopg.Error, TypeError, ValueError) as exc:
+                    logger.warning(
+                        "cannot load type %s.%s (OID %s), its values stay text: %s",
+                        nsp,
+                        name,
+                        oid,
+                        exc,
+                    )
+            todo = self.unknown(follow)
+
+    async def _register(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        oid: int,
+        nsp: str,
+        name: str,
+        typtype: str,
+        base: int,
+        array: int,
+        ext: str | None,
+    ) -> None:
+        qualified = sql.Identifier(nsp, name)
+        adapters = self.adapters
+        if typtype == "e":
+            # Enums load as their label, a str, in text and binary alike.
+            TypeInfo(name, oid, array).register(adapters)
+            adapters.register_loader(oid, TextLoader)
+            adapters.register_loader(oid, TextBinaryLoader)
+        elif typtype == "d":
+            if adapters.types.get(base) is None:
+                await self.resolve(conn, [base])
+            TypeInfo(name, oid, array).register(adapters)
+            for fmt in (_TEXT, _BINARY):
+                loader = adapters.get_loader(base, fmt)
+                if loader is not None:
+                    adapters.register_loader(oid, loader)
+        elif typtype == "c":
+            info = await CompositeInfo.fetch(conn, qualified)
+            if info is not None:
+                await self.resolve(conn, info.field_types)
+                register_composite(info, adapters)
+        elif typtype == "r":
+            rinfo = await RangeInfo.fetch(conn, qualified)
+            if rinfo is not None:
+                await self.resolve(conn, [rinfo.subtype_oid])
+                register_range(rinfo, adapters)
+        elif typtype == "m":
+            minfo = await MultirangeInfo.fetch(conn, qualified)
+            if minfo is not None:
+                await self.resolve(conn, [minfo.subtype_oid])
+                register_multirange(minfo, adapters)
+        elif ext == "hstore" and name == "hstore":
+            hinfo = await TypeInfo.fetch(conn, qualified)
+            if hinfo is not None:
+                register_hstore(hinfo, adapters)
+        else:
+            logger.info("type %s.%s (OID %s) has no loader; its values stay text", nsp, name, oid)
+
+
+class RelationCodec:
+    """Turns the rows of one table into records.
+
+    Args:
+        rel: the Relation message.
+        source: the table's description.
+        adapters: the loaders to use.
+    """
+
+    __slots__ = (
+        "_key_idx",
+        "_load_binary",
+        "_load_text",
+        "_tx_binary",
+        "_tx_text",
+        "names",
+        "oids",
+        "source",
+    )
+
+    def __init__(self, rel: Relation, source: Source, adapters: AdaptersMap) -> None:
+        self.source = source
+        self.names = tuple(c.name for c in rel.columns)
+        self.oids = [c.type_oid for c in rel.columns]
+        self._key_idx = tuple(i for i, c in enumerate(rel.columns) if c.flags & 1)
+        self._tx_text = Transformer(adapters)
+        self._tx_text.set_loader_types(self.oids, _TEXT)
+        self._tx_binary = Transformer(adapters)
+        self._tx_binary.set_loader_types(self.oids, _BINARY)
+        self._load_text = self._tx_text.load_sequence
+        self._load_binary = self._tx_binary.load_sequence
+
+    def load(self, tup: TupleData) -> tuple[dict[str, Any], frozenset[str]]:
+        """The record of a row, and the names of its unchanged TOAST columns."""
+        values = tup.values
+        if tup.toast:
+            return self._load_toasted(tup)
+        if len(values) != len(self.names):
+            return self._load_mismatched(tup), _NONE
+        row: Sequence[Any]
+        if not tup.binary:
+            row = self._load_text(values)  # type: ignore[arg-type]
+        elif not tup.text:
+            row = self._load_binary(values)  # type: ignore[arg-type]
+        else:
+            row = self._load_mixed(values, tup.kinds)  # type: ignore[arg-type]
+        return dict(zip(self.names, row, strict=True)), _NONE
+
+    def load_key(self, tup: TupleData) -> dict[str, Any]:
+        """The record of an old row sent as key columns only (kind ``'K'``)."""
+        rec, _ = self.load(tup)
+        names = self.names
+        return {names[i]: rec[names[i]] for i in self._key_idx if names[i] in rec}
+
+    def _load_toasted(self, tup: TupleData) -> tuple[dict[str, Any], frozenset[str]]:
+        names = self.names
+        values = [None if v is UNCHANGED_TOAST else v for v in tup.values]
+        missing = frozenset(names[i] for i, v in enumerate(tup.values) if v is UNCHANGED_TOAST)
+        plain = TupleData(values, tup.binary, tup.text, 0, tup.kinds)
+        rec, _ = self.load(plain)
+        for name in missing:
+            del rec[name]
+        return rec, missing
+
+    def _load_mixed(self, values: list[bytes | None], kinds: bytes) -> list[Any]:
+        out: list[Any] = []
+        for i, v in enumerate(values):
+            if v is None:
+                out.append(None)
+            elif kinds[i] == 98:  # 'b'
+                out.append(self._tx_binary.get_loader(self.oids[i], _BINARY).load(v))
+            else:
+                out.append(self._tx_text.get_loader(self.oids[i], _TEXT).load(v))
+        return out
+
+    def _load_mismatched(self, tup: TupleData) -> dict[str, Any]:
+        # The row has a different column count than the Relation message said:
+        # a protocol surprise. Keep every value rather than drop any.
+        names = list(self.names)
+        names += [f"column_{i + 1}" for i in range(len(names), len(tup.values))]
+        out: dict[str, Any] = {}
+        for i, v in enumerate(tup.values):
+            if v is None or v is UNCHANGED_TOAST:
+                out[names[i]] = None
+            elif i < len(self.oids):
+                fmt = _BINARY if tup.binary and not tup.text else _TEXT
+                tx = self._tx_binary if fmt == _BINARY else self._tx_text
+                out[names[i]] = tx.get_loader(self.oids[i], fmt).load(v)  # type: ignore[arg-type]
+            else:
+                out[names[i]] = v
+        return out
+
+
+_NONE: frozenset[str] = frozenset()
+
+
+def make_source(
+    rel: Relation, database: str, types: dict[int, str], pkey: tuple[str, ...]
+) -> Source:
+    """A :class:`Source` for *rel*; *types* maps type OID and modifier to names."""
+    return Source(
+        database=database,
+        schema=rel.namespace,
+        table=rel.name,
+        columns={c.name: types.get(i, "unknown") for i, c in enumerate(rel.columns)},
+        primary_key=pkey,
+        replica_identity=REPLICA_IDENTITY.get(rel.replica_identity, rel.replica_identity),
+        identity_columns=tuple(c.name for c in rel.columns if c.flags & 1),
+        relation_oid=rel.oid,
+    )
