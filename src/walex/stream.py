@@ -283,6 +283,8 @@ class Stream:
         self._opened = False
         self._closed = False
         self.reconnects = 0
+        self.status_updates = 0
+        self._backend_pid: int | None = None
 
     # -- public state ----------------------------------------------------
 
@@ -355,6 +357,12 @@ class Stream:
         await self._close_connections()
         self._drop_spools()
 
+    async def _drop_catalog(self) -> None:
+        if self._catalog is not None:
+            with contextlib.suppress(Exception):
+                await self._catalog.close()
+            self._catalog = None
+
     async def _close_connections(self) -> None:
         if self._conn is not None:
             self._conn.close()
@@ -401,10 +409,14 @@ class Stream:
             4 if version >= 160000 else 3 if version >= 150000 else 2 if version >= 140000 else 1
         )
         if facts.slot is not None and facts.slot.active_pid is not None:
-            await self._wait_for_slot(facts.slot.active_pid)
+            if facts.slot.active_pid == self._backend_pid:
+                await self._wait_for_old_walsender()
+            else:
+                await self._wait_for_slot(facts.slot.active_pid)
         conninfo = replication_conninfo(self._dsn)
         conn = await ReplicationConnection.connect(conninfo, self.connect_timeout)
         self._conn = conn
+        self._backend_pid = conn.pgconn.backend_pid
         try:
             if facts.slot is None:
                 if not self.durable and not first and not self.allow_gap:
@@ -435,6 +447,20 @@ class Stream:
             self.slot,
             ", ".join(self.publications),
             self.protocol_version,
+        )
+
+    async def _wait_for_old_walsender(self) -> None:
+        # The slot is still held by the server process of our own lost
+        # connection; the server notices the loss within moments.
+        for _ in range(100):
+            await asyncio.sleep(0.1)
+            info = await slot_info(await self._open_catalog(), self.slot)
+            if info is None or info.active_pid != self._backend_pid:
+                return
+        raise SlotInUse(
+            f"slot {self.slot!r} is still held by process {self._backend_pid} of the lost "
+            "connection",
+            self._backend_pid,
         )
 
     async def _wait_for_slot(self, pid: int) -> None:
@@ -540,10 +566,9 @@ class Stream:
         self._in_stream = False
         self._drop_spools()
         delay = 0.5
+        await self._drop_catalog()  # it most likely broke too
         while True:
             try:
-                if self._catalog is not None and self._catalog.closed:
-                    self._catalog = None
                 await self._start_replication(first=False)
                 self.reconnects += 1
                 logger.info("reconnected to slot %r", self.slot)
@@ -551,8 +576,7 @@ class Stream:
             except (ConnectionFailed, StreamError, OSError, psycopg.OperationalError) as exc:
                 if isinstance(exc, ServerError) and exc.sqlstate != _OBJECT_IN_USE:
                     raise
-                if self._catalog is not None and self._catalog.closed:
-                    self._catalog = None
+                await self._drop_catalog()
                 logger.warning("reconnect failed (%s); retrying in %.1fs", exc, delay)
             except SlotInUse as exc:
                 logger.warning("%s; retrying in %.1fs", exc, delay)
@@ -577,6 +601,7 @@ class Stream:
             return
         try:
             conn.send_status(self._received, self._confirmed, self._confirmed, reply)
+            self.status_updates += 1
         except WalexError as exc:
             logger.debug("status update not sent: %s", exc)
 
