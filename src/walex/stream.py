@@ -89,6 +89,7 @@ _SPOOL_RECORD = struct.Struct(">QI")
 _SLOT_NAME = re.compile(r"^[a-z0-9_]{1,63}$")
 _NO_TOAST: frozenset[str] = frozenset()
 _new_event = tuple.__new__
+_new_lsn = int.__new__  # LSN(x) without the range check: the server's positions are valid
 
 # SQLSTATEs the server uses for a slot held by another process, a missing
 # slot and a full slot table.
@@ -276,8 +277,8 @@ class Stream:
 
         self._handled = LSN(0)  # newest position whose changes are all handled
         self._confirmed = LSN(0)  # what we report: _handled, held before pending prepares
-        self._received = LSN(0)
-        self._server_wal_end = LSN(0)
+        self._received = 0
+        self._server_wal_end = 0
         self._dirty = asyncio.Event()
         self._status_task: asyncio.Task[None] | None = None
         self._opened = False
@@ -296,12 +297,12 @@ class Stream:
     @property
     def received_lsn(self) -> LSN:
         """The newest WAL position received from the server."""
-        return self._received
+        return LSN(self._received)
 
     @property
     def server_wal_end(self) -> LSN:
         """The server's WAL end, as of its last message."""
-        return self._server_wal_end
+        return LSN(self._server_wal_end)
 
     @property
     def connected(self) -> bool:
@@ -684,24 +685,23 @@ class Stream:
                 lsn, wal_end, clock = header(frame, 1)
                 self._clock = clock
                 if wal_end > self._server_wal_end:
-                    self._server_wal_end = LSN(wal_end)
+                    self._server_wal_end = wal_end
                 if lsn > self._received:
-                    self._received = LSN(lsn)
-                payload = frame[25:]
+                    self._received = lsn
                 if self._stream_spool is not None:
-                    if payload[0] == _STREAM_STOP:
+                    if frame[25] == _STREAM_STOP:
                         self._stream_spool = None
                         self._in_stream = False
                     else:
-                        self._stream_spool.write(lsn, payload)
+                        self._stream_spool.write(lsn, frame[25:])
                     continue
-                if self._prepare_spool is not None and payload[0] != _RELATION_TAG:
-                    if payload[0] == _PREPARE:
-                        self._on_prepare(self._decode(payload, lsn))  # type: ignore[arg-type]
+                if self._prepare_spool is not None and frame[25] != _RELATION_TAG:
+                    if frame[25] == _PREPARE:
+                        self._on_prepare(self._decode(frame, lsn, False, 25))  # type: ignore[arg-type]
                     else:
-                        self._prepare_spool.write(lsn, payload)
+                        self._prepare_spool.write(lsn, frame[25:])
                     continue
-                msg = self._decode(payload, lsn)
+                msg = self._decode(frame, lsn, False, 25)
                 t = type(msg)
                 if t is Insert:
                     self._on_insert(msg, lsn)  # type: ignore[arg-type]
@@ -716,9 +716,9 @@ class Stream:
             elif tag == _K:
                 wal_end, _clock, reply = parse_keepalive(frame)
                 if wal_end > self._server_wal_end:
-                    self._server_wal_end = LSN(wal_end)
+                    self._server_wal_end = wal_end
                 if wal_end > self._received:
-                    self._received = LSN(wal_end)
+                    self._received = wal_end
                 if self._idle():
                     # Everything before wal_end has been read and handled:
                     # nothing of ours lies behind it.
@@ -726,7 +726,9 @@ class Stream:
                 if reply:
                     self._send_status()
             else:
-                raise DecodeError(f"unknown replication frame type {chr(tag)!r}", self._received)
+                raise DecodeError(
+                    f"unknown replication frame type {chr(tag)!r}", LSN(self._received)
+                )
 
     def _idle(self) -> bool:
         return (
@@ -737,9 +739,9 @@ class Stream:
             and self._replay is None
         )
 
-    def _decode(self, payload: bytes, lsn: int, in_stream: bool = False) -> Message:
+    def _decode(self, data: bytes, lsn: int, in_stream: bool = False, offset: int = 0) -> Message:
         try:
-            return decode(payload, in_stream)
+            return decode(data, in_stream, offset)
         except DecodeError as exc:
             raise DecodeError(str(exc), LSN(lsn)) from exc
 
@@ -780,7 +782,7 @@ class Stream:
                     new,
                     None,
                     toast,
-                    LSN(lsn),
+                    _new_lsn(LSN, lsn),
                     self._seq,
                     txn,
                     None,
@@ -822,7 +824,7 @@ class Stream:
                     new,
                     old,
                     toast,
-                    LSN(lsn),
+                    _new_lsn(LSN, lsn),
                     self._seq,
                     txn,
                     None,
@@ -850,7 +852,7 @@ class Stream:
                     None,
                     old,
                     _NO_TOAST,
-                    LSN(lsn),
+                    _new_lsn(LSN, lsn),
                     self._seq,
                     txn,
                     None,
@@ -881,7 +883,7 @@ class Stream:
                         None,
                         None,
                         _NO_TOAST,
-                        LSN(lsn),
+                        _new_lsn(LSN, lsn),
                         self._seq,
                         txn,
                         None,
@@ -978,8 +980,8 @@ class Stream:
                     txn.xid,
                     txn.commit_lsn,
                     txn.commit_timestamp,
-                    msg.name,
-                    txn.gid,  # type: ignore[union-attr]
+                    msg.name,  # type: ignore[union-attr]
+                    txn.gid,
                 )
         elif t is Type:
             pass  # types are looked up in the catalog when a relation uses them

@@ -129,9 +129,7 @@ def _relation(data: bytes, pos: int, xid: int | None) -> Relation:
 
 def _end(data: bytes, pos: int) -> None:
     if pos != len(data):
-        raise DecodeError(
-            f"{len(data) - pos} unexpected bytes at the end of a {chr(data[0])!r} message"
-        )
+        raise DecodeError(f"{len(data) - pos} unexpected bytes at the end of the message")
 
 
 def _insert(data: bytes, pos: int, xid: int | None) -> Insert:
@@ -209,88 +207,88 @@ _WITH_XID: dict[int, Callable[[bytes, int, int | None], Message]] = {
 }
 
 
-def _begin(data: bytes) -> Begin:
-    lsn, ts, xid = _qqi(data, 1)
-    _end(data, 21)
+def _begin(data: bytes, at: int) -> Begin:
+    lsn, ts, xid = _qqi(data, at + 1)
+    _end(data, at + 21)
     return Begin(LSN(lsn), ts, xid & 0xFFFFFFFF)
 
 
-def _commit(data: bytes) -> Commit:
-    flags, lsn, end, ts = _bqqq(data, 1)
-    _end(data, 26)
+def _commit(data: bytes, at: int) -> Commit:
+    flags, lsn, end, ts = _bqqq(data, at + 1)
+    _end(data, at + 26)
     return Commit(flags, LSN(lsn), LSN(end), ts)
 
 
-def _origin(data: bytes) -> Origin:
-    (lsn,) = _q(data, 1)
-    name, pos = _string(data, 9)
+def _origin(data: bytes, at: int) -> Origin:
+    (lsn,) = _q(data, at + 1)
+    name, pos = _string(data, at + 9)
     _end(data, pos)
     return Origin(LSN(lsn), name)
 
 
-def _stream_start(data: bytes) -> StreamStart:
-    (xid,) = _u32(data, 1)
-    _end(data, 6)
-    return StreamStart(xid, data[5] == 1)
+def _stream_start(data: bytes, at: int) -> StreamStart:
+    (xid,) = _u32(data, at + 1)
+    _end(data, at + 6)
+    return StreamStart(xid, data[at + 5] == 1)
 
 
-def _stream_stop(data: bytes) -> StreamStop:
-    _end(data, 1)
+def _stream_stop(data: bytes, at: int) -> StreamStop:
+    _end(data, at + 1)
     return _STREAM_STOP
 
 
-def _stream_commit(data: bytes) -> StreamCommit:
-    (xid,) = _u32(data, 1)
-    flags, lsn, end, ts = _bqqq(data, 5)
-    _end(data, 30)
+def _stream_commit(data: bytes, at: int) -> StreamCommit:
+    (xid,) = _u32(data, at + 1)
+    flags, lsn, end, ts = _bqqq(data, at + 5)
+    _end(data, at + 30)
     return StreamCommit(xid, flags, LSN(lsn), LSN(end), ts)
 
 
-def _stream_abort(data: bytes) -> StreamAbort:
-    xid, subxid = struct.unpack_from(">II", data, 1)
-    if len(data) == 9:
+def _stream_abort(data: bytes, at: int) -> StreamAbort:
+    xid, subxid = struct.unpack_from(">II", data, at + 1)
+    if len(data) - at == 9:
         return StreamAbort(xid, subxid, None, None)
-    lsn, ts = struct.unpack_from(">Qq", data, 9)
-    _end(data, 25)
+    lsn, ts = struct.unpack_from(">Qq", data, at + 9)
+    _end(data, at + 25)
     return StreamAbort(xid, subxid, LSN(lsn), ts)
 
 
-def _prepare_like(data: bytes) -> tuple[int, LSN, LSN, int, int, str]:
-    flags, lsn, end, ts = _bqqq(data, 1)
-    (xid,) = _u32(data, 26)
-    gid, pos = _string(data, 30)
+def _prepare_like(data: bytes, at: int) -> tuple[int, LSN, LSN, int, int, str]:
+    flags, lsn, end, ts = _bqqq(data, at + 1)
+    (xid,) = _u32(data, at + 26)
+    gid, pos = _string(data, at + 30)
     _end(data, pos)
     return flags, LSN(lsn), LSN(end), ts, xid, gid
 
 
-def _begin_prepare(data: bytes) -> BeginPrepare:
-    lsn, end, ts = _qqq(data, 1)
-    (xid,) = _u32(data, 25)
-    gid, pos = _string(data, 29)
+def _begin_prepare(data: bytes, at: int) -> BeginPrepare:
+    lsn, end, ts = _qqq(data, at + 1)
+    (xid,) = _u32(data, at + 25)
+    gid, pos = _string(data, at + 29)
     _end(data, pos)
     return BeginPrepare(LSN(lsn), LSN(end), ts, xid, gid)
 
 
-def _prepare(data: bytes) -> Prepare:
-    return Prepare(*_prepare_like(data))
+def _prepare(data: bytes, at: int) -> Prepare:
+    return Prepare(*_prepare_like(data, at))
 
 
-def _commit_prepared(data: bytes) -> CommitPrepared:
-    return CommitPrepared(*_prepare_like(data))
+def _commit_prepared(data: bytes, at: int) -> CommitPrepared:
+    return CommitPrepared(*_prepare_like(data, at))
 
 
-def _stream_prepare(data: bytes) -> StreamPrepare:
-    return StreamPrepare(*_prepare_like(data))
+def _stream_prepare(data: bytes, at: int) -> StreamPrepare:
+    return StreamPrepare(*_prepare_like(data, at))
 
 
-def _rollback_prepared(data: bytes) -> RollbackPrepared:
-    flags, end1, end2, ts1, ts2, xid = struct.unpack_from(">BQQqqI", data, 1)
-    gid, pos = _string(data, 38)
+def _rollback_prepared(data: bytes, at: int) -> RollbackPrepared:
+    flags, end1, end2, ts1, ts2, xid = struct.unpack_from(">BQQqqI", data, at + 1)
+    gid, pos = _string(data, at + 38)
     _end(data, pos)
     return RollbackPrepared(flags, LSN(end1), LSN(end2), ts1, ts2, xid, gid)
 
 
-_PLAIN: dict[int, Callable[[bytes], Message]] = {
+_PLAIN: dict[int, Callable[[bytes, int], Message]] = {
     ord("B"): _begin,
     ord("C"): _commit,
     ord("O"): _origin,
@@ -306,29 +304,31 @@ _PLAIN: dict[int, Callable[[bytes], Message]] = {
 }
 
 
-def decode(data: bytes, in_stream: bool = False) -> Message:
+def decode(data: bytes, in_stream: bool = False, offset: int = 0) -> Message:
     """Decode one pgoutput message.
 
     Args:
-        data: the message, starting with its type byte.
+        data: the message, starting with its type byte at *offset*.
         in_stream: the message sits between Stream Start and Stream Stop,
             where data messages begin with the (sub)transaction id.
+        offset: where the message starts in *data* (the rest of *data*
+            is the message: nothing may follow it).
 
     Raises:
         DecodeError: the bytes are not a pgoutput message walex knows.
     """
-    if not data:
+    if len(data) <= offset:
         raise DecodeError("empty pgoutput message")
-    tag = data[0]
+    tag = data[offset]
     try:
         with_xid = _WITH_XID.get(tag)
         if with_xid is not None:
             if in_stream:
-                return with_xid(data, 5, _u32(data, 1)[0])
-            return with_xid(data, 1, None)
+                return with_xid(data, offset + 5, _u32(data, offset + 1)[0])
+            return with_xid(data, offset + 1, None)
         plain = _PLAIN.get(tag)
         if plain is not None:
-            return plain(data)
+            return plain(data, offset)
     except DecodeError:
         raise
     except (struct.error, IndexError, ValueError) as exc:
