@@ -74,7 +74,7 @@ from .replication import (
     parse_keepalive,
     replication_conninfo,
 )
-from .values import RelationCodec, TypeResolver, make_adapters, make_source
+from .values import RelationCodec, TypeResolver, has_binary_loader, make_adapters, make_source
 
 __all__ = ["Stream", "connect"]
 
@@ -101,6 +101,10 @@ _CONFIG_LIMIT = "53400"
 
 def _timestamp(us: int) -> datetime:
     return _PG_EPOCH + timedelta(microseconds=us)
+
+
+class _TextModeNeeded(Exception):
+    """Binary mode met a type it cannot read: reconnect in text mode."""
 
 
 class _Mark:
@@ -153,6 +157,12 @@ class _Replay:
         self.spool = spool
         self.records = spool.records()
         self.end_lsn = end_lsn
+
+
+def _transient(exc: ServerError) -> bool:
+    """Whether a server error ends this connection only (retry) or the stream."""
+    state = exc.sqlstate or ""
+    return not state or state[:2] in ("08", "57", "53") or state == _OBJECT_IN_USE
 
 
 def _quote_ident(name: str) -> str:
@@ -286,6 +296,8 @@ class Stream:
         self.reconnects = 0
         self.status_updates = 0
         self._backend_pid: int | None = None
+        self._binary_active = binary
+        self._failures = 0  # connection losses since the last delivered batch
 
     # -- public state ----------------------------------------------------
 
@@ -409,6 +421,9 @@ class Stream:
         self.protocol_version = (
             4 if version >= 160000 else 3 if version >= 150000 else 2 if version >= 140000 else 1
         )
+        if self._binary_active:
+            with contextlib.suppress(_TextModeNeeded):
+                await self._check_binary(catalog)
         if facts.slot is not None and facts.slot.active_pid is not None:
             if facts.slot.active_pid == self._backend_pid:
                 await self._wait_for_old_walsender()
@@ -449,6 +464,35 @@ class Stream:
             ", ".join(self.publications),
             self.protocol_version,
         )
+
+    async def _check_binary(self, catalog: psycopg.AsyncConnection[Any]) -> None:
+        """Use text if a published column has a type psycopg cannot read in binary."""
+        cur = await catalog.execute(
+            """
+            SELECT DISTINCT a.atttypid::int8
+              FROM pg_publication_tables pt
+              JOIN pg_namespace n ON n.nspname = pt.schemaname
+              JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
+              JOIN pg_attribute a ON a.attrelid = c.oid
+             WHERE pt.pubname = ANY(%s) AND a.attnum > 0 AND NOT a.attisdropped
+            """,
+            (self.publications,),
+        )
+        oids = [r[0] for r in await cur.fetchall()]
+        await self._resolver.resolve(catalog, oids)
+        self._require_binary_loaders(oids)
+
+    def _require_binary_loaders(self, oids: Sequence[int]) -> None:
+        missing = [o for o in oids if not has_binary_loader(self._adapters, o)]
+        if missing:
+            self._binary_active = False
+            names = ", ".join(str(self._adapters.types.get(o) or o) for o in missing)
+            logger.warning(
+                "binary=True: the published tables have types psycopg cannot read in "
+                "binary (%s); streaming in text instead, which gives the same values",
+                names,
+            )
+            raise _TextModeNeeded(names)
 
     async def _wait_for_old_walsender(self) -> None:
         # The slot is still held by the server process of our own lost
@@ -518,7 +562,7 @@ class Stream:
         ]
         if self.messages:
             options.append(("messages", "true"))
-        if self.binary:
+        if self._binary_active:
             options.append(("binary", "true"))
         if self.streaming:
             options.append(("streaming", "on"))
@@ -566,7 +610,13 @@ class Stream:
         self._events = []
         self._in_stream = False
         self._drop_spools()
+        self._failures += 1
         delay = 0.5
+        if self._failures > 1:
+            # The stream broke again before anything was delivered: back off.
+            pause = min(0.5 * 2 ** (self._failures - 2), self.max_reconnect_delay)
+            logger.warning("the stream keeps failing; waiting %.1fs before reconnecting", pause)
+            await asyncio.sleep(pause)
         await self._drop_catalog()  # it most likely broke too
         while True:
             try:
@@ -643,18 +693,22 @@ class Stream:
                     continue
                 assert isinstance(item, Batch)
                 self._inflight = item
+                self._failures = 0
                 return item
             await self._fill()
 
     async def _fill(self) -> None:
         """Read and decode until at least one batch or mark is ready."""
         while not self._ready:
-            if self._replay is not None:
-                await self._replay_some()
-            elif self._frames:
-                await self._consume()
-            else:
-                await self._receive()
+            try:
+                if self._replay is not None:
+                    await self._replay_some()
+                elif self._frames:
+                    await self._consume()
+                else:
+                    await self._receive()
+            except _TextModeNeeded as exc:
+                await self._reconnect(exc)
 
     async def _receive(self) -> None:
         conn = self._conn
@@ -669,8 +723,13 @@ class Stream:
                 await conn.wait_readable(None)
         except (StreamError, OSError) as exc:
             if isinstance(exc, ServerError):
-                translated = self._translate(exc)
-                if not isinstance(translated, ServerError):
+                if "binary output function" in str(exc) and self._binary_active:
+                    logger.warning("%s; streaming in text instead", exc)
+                    self._binary_active = False
+                elif not _transient(exc):
+                    translated = self._translate(exc)
+                    if isinstance(translated, ServerError):
+                        raise StreamError(f"the server stopped the stream: {exc}") from exc
                     raise translated from exc
             await self._reconnect(exc)
 
@@ -1093,6 +1152,8 @@ class Stream:
         try:
             if self._resolver.unknown(oids):
                 await self._resolver.resolve(catalog, oids)
+            if self._binary_active:
+                self._require_binary_loaders(oids)
             names = await self._type_names_for(catalog, msg)
             pkey = await self._primary_key(catalog, msg.oid)
         except psycopg.Error as exc:

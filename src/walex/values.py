@@ -13,17 +13,22 @@ knows arrives as its text (or, in binary mode, as its raw bytes).
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.adapt import AdaptersMap, Transformer
+from psycopg.abc import Buffer
+from psycopg.adapt import AdaptersMap, Loader, Transformer
 from psycopg.pq import Format
 from psycopg.types import TypeInfo
+from psycopg.types import datetime as dt
 from psycopg.types.composite import CompositeInfo, register_composite
 from psycopg.types.hstore import register_hstore
+from psycopg.types.json import set_json_loads
 from psycopg.types.multirange import MultirangeInfo, register_multirange
 from psycopg.types.range import RangeInfo, register_range
 from psycopg.types.string import TextBinaryLoader, TextLoader
@@ -31,7 +36,13 @@ from psycopg.types.string import TextBinaryLoader, TextLoader
 from .events import REPLICA_IDENTITY, Source
 from .pgoutput.messages import UNCHANGED_TOAST, Relation, TupleData
 
-__all__ = ["RelationCodec", "TypeResolver", "make_adapters"]
+__all__ = [
+    "RelationCodec",
+    "TypeResolver",
+    "has_binary_loader",
+    "make_adapters",
+    "make_tolerant_adapters",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -39,18 +50,87 @@ _TEXT = Format.TEXT
 _BINARY = Format.BINARY
 
 
+try:
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - orjson is optional
+    _orjson = None  # type: ignore[assignment]
+
+_long_number = re.compile(rb"[0-9]{19}").search
+
+
+def json_loads(data: str | bytes) -> Any:
+    """orjson where it gives the same answer as the standard library, else json.
+
+    orjson turns integers beyond 64 bits into floats (silently losing digits)
+    and refuses numbers beyond a double's range; the standard library keeps
+    both exact, as a plain psycopg SELECT does.
+    """
+    if _orjson is not None and isinstance(data, bytes) and _long_number(data) is None:
+        try:
+            return _orjson.loads(data)
+        except _orjson.JSONDecodeError:
+            pass
+    return json.loads(data)
+
+
 def make_adapters() -> AdaptersMap:
     """A private adapters map for walex, with a fast JSON loader if installed."""
     adapters = AdaptersMap(psycopg.adapters)
-    try:
-        import orjson
-    except ImportError:  # pragma: no cover - orjson is optional
-        pass
-    else:
-        from psycopg.types.json import set_json_loads
-
-        set_json_loads(orjson.loads, adapters)
+    set_json_loads(json_loads, adapters)
     return adapters
+
+
+def make_tolerant_adapters(adapters: AdaptersMap) -> AdaptersMap:
+    """Loaders for values Python's types cannot hold, used only after a failure.
+
+    ``infinity`` and ``-infinity`` dates and timestamps become those strings
+    (element by element inside arrays); everything else is as in *adapters*.
+    """
+    tolerant = AdaptersMap(adapters)
+    # psycopg's C loaders cannot be subclassed; its Python ones can, and
+    # load the same values. This path is taken only for rows that failed.
+    for name, text, binary in (
+        ("date", dt.DateLoader, dt.DateBinaryLoader),
+        ("timestamp", dt.TimestampLoader, dt.TimestampBinaryLoader),
+        ("timestamptz", dt.TimestamptzLoader, dt.TimestamptzBinaryLoader),
+    ):
+        oid = adapters.types[name].oid
+        tolerant.register_loader(oid, _infinity_text(text))
+        tolerant.register_loader(oid, _infinity_binary(binary, name == "date"))
+    return tolerant
+
+
+def _infinity_text(base: type[Loader]) -> type[Loader]:
+    class InfinityTextLoader(base):  # type: ignore[valid-type,misc]
+        def load(self, data: Buffer) -> Any:
+            raw = bytes(data)
+            if raw in (b"infinity", b"-infinity"):
+                return raw.decode()
+            return super().load(data)
+
+    return InfinityTextLoader
+
+
+_INFINITIES = {
+    True: {(1 << 31) - 1: "infinity", -(1 << 31): "-infinity"},
+    False: {(1 << 63) - 1: "infinity", -(1 << 63): "-infinity"},
+}
+
+
+def _infinity_binary(base: type[Loader], is_date: bool) -> type[Loader]:
+    table = _INFINITIES[is_date]
+
+    class InfinityBinaryLoader(base):  # type: ignore[valid-type,misc]
+        def load(self, data: Buffer) -> Any:
+            special = table.get(int.from_bytes(data, "big", signed=True))
+            return special if special is not None else super().load(data)
+
+    return InfinityBinaryLoader
+
+
+def has_binary_loader(adapters: AdaptersMap, oid: int) -> bool:
+    """Whether psycopg can read values of type *oid* in binary format."""
+    return adapters.get_loader(oid, _BINARY) is not None
 
 
 class TypeResolver:
@@ -173,9 +253,11 @@ class RelationCodec:
     """
 
     __slots__ = (
+        "_adapters",
         "_key_idx",
         "_load_binary",
         "_load_text",
+        "_tolerant",
         "_tx_binary",
         "_tx_text",
         "names",
@@ -183,8 +265,15 @@ class RelationCodec:
         "source",
     )
 
-    def __init__(self, rel: Relation, source: Source, adapters: AdaptersMap) -> None:
+    def __init__(
+        self,
+        rel: Relation,
+        source: Source,
+        adapters: AdaptersMap,
+    ) -> None:
         self.source = source
+        self._adapters = adapters
+        self._tolerant: AdaptersMap | None = None
         self.names = tuple(c.name for c in rel.columns)
         self.oids = [c.type_oid for c in rel.columns]
         self._key_idx = tuple(i for i, c in enumerate(rel.columns) if c.flags & 1)
@@ -203,12 +292,17 @@ class RelationCodec:
         if len(values) != len(self.names):
             return self._load_mismatched(tup), _NONE
         row: Sequence[Any]
-        if not tup.binary:
-            row = self._load_text(values)  # type: ignore[arg-type]
-        elif not tup.text:
-            row = self._load_binary(values)  # type: ignore[arg-type]
-        else:
-            row = self._load_mixed(values, tup.kinds)  # type: ignore[arg-type]
+        try:
+            if not tup.binary:
+                row = self._load_text(values)  # type: ignore[arg-type]
+            elif not tup.text:
+                row = self._load_binary(values)  # type: ignore[arg-type]
+            else:
+                row = self._load_mixed(values, tup.kinds)  # type: ignore[arg-type]
+        except Exception:
+            # A value Python cannot hold (an infinite date, a JSON number
+            # beyond float) must not stop the stream: load value by value.
+            row = self._load_tolerant(values, tup)  # type: ignore[arg-type]
         return dict(zip(self.names, row, strict=True)), _NONE
 
     def load_key(self, tup: TupleData) -> dict[str, Any]:
@@ -226,6 +320,34 @@ class RelationCodec:
         for name in missing:
             del rec[name]
         return rec, missing
+
+    def _load_tolerant(self, values: list[bytes | None], tup: TupleData) -> list[Any]:
+        out: list[Any] = []
+        if self._tolerant is None:
+            self._tolerant = make_tolerant_adapters(self._adapters)
+        tx = Transformer(self._tolerant)
+        for i, v in enumerate(values):
+            if v is None:
+                out.append(None)
+                continue
+            binary = tup.kinds[i] == 98 if tup.kinds else bool(tup.binary)
+            fmt = _BINARY if binary else _TEXT
+            try:
+                out.append(tx.get_loader(self.oids[i], fmt).load(v))
+            except Exception as exc:
+                # Keep the value as the server sent it: text, or raw bytes
+                # in binary mode. Never drop it, never stop the stream.
+                logger.warning(
+                    "%s.%s: column %r holds a value that cannot be loaded (%s); "
+                    "it is delivered as %s",
+                    self.source.schema,
+                    self.source.table,
+                    self.names[i],
+                    exc,
+                    "raw bytes" if binary else "text",
+                )
+                out.append(v if binary else v.decode(errors="replace"))
+        return out
 
     def _load_mixed(self, values: list[bytes | None], kinds: bytes) -> list[Any]:
         out: list[Any] = []
