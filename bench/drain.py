@@ -688,6 +688,18 @@ def profile(
     dsn: str, slot: str, backlog: Backlog, options: dict[str, Any], top: int, out: str | None
 ) -> int:
     """Drain one slot in this process under cProfile and print the hottest functions."""
+    if os.environ.get("WALEX_BENCH_PROFILER") == "pyinstrument":
+        from pyinstrument import Profiler
+
+        sampler = Profiler(interval=0.0005)
+        sampler.start()
+        res = asyncio.run(
+            walex_drain(dsn, slot, PUBLICATION, backlog.end_lsn, backlog.last_xid, options)
+        )
+        sampler.stop()
+        print(f"walex under pyinstrument: {res['events']:,} events in {res['total_s']:.2f} s")
+        print(sampler.output_text(unicode=False, color=False, show_all=False))
+        return 0
     profiler = cProfile.Profile()
     profiler.enable()
     res = asyncio.run(

@@ -11,27 +11,32 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from typing import TextIO
 
 import walex
 
 
-async def main(dsn: str, publication: str, slot: str, logfile: str, max_batch: int) -> None:
-    with open(logfile, "a", buffering=1) as log:  # noqa: ASYNC230 - a test child
-        async with walex.connect(
-            dsn, publication=publication, slot=slot, durable=True,
-            max_batch_events=max_batch, status_interval=0.2,
-        ) as stream:
-            print("ready", flush=True)
-            async for batch in stream:
-                lines = [
-                    f"{int(e.commit_lsn)} {e.seq} {e.new_record['id']}\n"  # type: ignore[index]
-                    for e in batch.events
-                ]
-                log.write("".join(lines))
-                log.flush()
+async def main(dsn: str, publication: str, slot: str, log: TextIO, max_batch: int) -> None:
+    async with walex.connect(
+        dsn,
+        publication=publication,
+        slot=slot,
+        durable=True,
+        max_batch_events=max_batch,
+        status_interval=0.2,
+    ) as stream:
+        print("ready", flush=True)
+        async for batch in stream:
+            lines = [
+                f"{int(e.commit_lsn)} {e.seq} {e.new_record['id']}\n"  # type: ignore[index]
+                for e in batch.events
+            ]
+            log.write("".join(lines))
+            log.flush()
 
 
 if __name__ == "__main__":
     dsn, pub, slot, logfile = sys.argv[1:5]
     max_batch = int(sys.argv[5]) if len(sys.argv) > 5 else 5000
-    asyncio.run(main(dsn, pub, slot, logfile, max_batch))
+    with open(logfile, "a", buffering=1) as log:
+        asyncio.run(main(dsn, pub, slot, log, max_batch))

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 
 import walex
-from walex.errors import SlotLost
-from walex.lsn import LSN
 from tests.fix_pg import Database
 from tests.streams import collect, collect_batches
+from walex.errors import SlotLost
+from walex.lsn import LSN
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,7 +59,8 @@ async def test_raising_loop_body_confirms_nothing_past_it(db: Database) -> None:
         db.execute("INSERT INTO t VALUES (%s, 'x')", (i,))
 
     seen: list[int] = []
-    with pytest.raises(RuntimeError, match="handler failed"):
+
+    async def consume() -> None:
         async with walex.connect(db.dsn, publication=pub, slot=slot, durable=True) as stream:
             async with asyncio.timeout(20):
                 async for batch in stream:
@@ -67,6 +68,9 @@ async def test_raising_loop_body_confirms_nothing_past_it(db: Database) -> None:
                     seen.append(event.new_record["id"])  # type: ignore[index]
                     if event.new_record["id"] == 2:  # type: ignore[index]
                         raise RuntimeError("handler failed")
+
+    with pytest.raises(RuntimeError, match="handler failed"):
+        await consume()
     assert seen == [1, 2]
     first_end = LSN(0)
     # Only the first transaction was handled; the slot says so.
@@ -97,12 +101,16 @@ async def test_partly_handled_transaction_is_delivered_again(db: Database) -> No
     async with walex.connect(db.dsn, publication=pub, slot=slot, durable=True):
         pass
     db.execute("INSERT INTO t SELECT g, 'x' FROM generate_series(1, 30) g")
-    with pytest.raises(RuntimeError):
+
+    async def crash_midway() -> None:
         async with walex.connect(
             db.dsn, publication=pub, slot=slot, durable=True, max_batch_events=10
         ) as stream:
             await collect_batches(stream, 2)  # two of three batches, the first handled
             raise RuntimeError("crash in the middle of a transaction")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        await crash_midway()
     async with walex.connect(db.dsn, publication=pub, slot=slot, durable=True) as stream:
         events = await collect(stream, 30)
     assert [e.new_record["id"] for e in events] == list(range(1, 31))  # type: ignore[index]
@@ -186,10 +194,14 @@ async def test_temporary_slot_goes_on_when_gap_allowed(db: Database) -> None:
         # Wait for the new temporary slot, then write: this change must arrive.
         await asyncio.to_thread(
             wait_until,
-            lambda: db.fetch(
-                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s AND active",
-                (stream.slot,),
-            )[0][0] == 1 and stream.reconnects == 1,
+            lambda: (
+                db.fetch(
+                    "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s AND active",
+                    (stream.slot,),
+                )[0][0]
+                == 1
+                and stream.reconnects == 1
+            ),
             20,
             "the new temporary slot",
         )
@@ -235,9 +247,7 @@ def _writer(dsn: str, stop: threading.Event, committed: list[int]) -> None:
             size = random.choice([1, 1, 1, 5, 40])
             ids = list(range(n + 1, n + size + 1))
             with conn.transaction():
-                conn.execute(
-                    "INSERT INTO t SELECT g, 'w' FROM unnest(%s::int[]) g", (ids,)
-                )
+                conn.execute("INSERT INTO t SELECT g, 'w' FROM unnest(%s::int[]) g", (ids,))
             committed.extend(ids)
             n += size
             time.sleep(0.002)
@@ -262,7 +272,8 @@ def test_kill_9_at_random_moments_loses_nothing(db: Database, tmp_path: Path) ->
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     # The first run creates the slot; from then on every commit is kept for us.
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
     stop = threading.Event()
     committed: list[int] = []
     writer = threading.Thread(target=_writer, args=(db.dsn, stop, committed))
@@ -279,7 +290,8 @@ def test_kill_9_at_random_moments_loses_nothing(db: Database, tmp_path: Path) ->
             # What the slot holds as confirmed at the moment of the kill.
             confirmed_at_kill.append((len(_read_log(log)), confirmed_flush(db, slot)))
             proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "ready"
         stop.set()
         writer.join(timeout=30)
         expected = set(committed)
@@ -306,8 +318,7 @@ def test_kill_9_at_random_moments_loses_nothing(db: Database, tmp_path: Path) ->
             )
             assert kill_confirmed is not None, f"{key} delivered twice within one run"
             assert commit >= kill_confirmed, (
-                f"transaction {LSN(commit)} was confirmed ({kill_confirmed}) "
-                "yet delivered again"
+                f"transaction {LSN(commit)} was confirmed ({kill_confirmed}) yet delivered again"
             )
         else:
             first_seen[key] = index

@@ -436,7 +436,12 @@ async def test_standby_waits_for_the_slot_then_takes_over(db: Database) -> None:
 
     async def standby() -> None:
         async with walex.connect(
-            db.dsn, publication=pub, slot=slot, durable=True, standby_retry=0.2
+            db.dsn,
+            publication=pub,
+            slot=slot,
+            durable=True,
+            wait_for_slot=True,
+            standby_retry=0.2,
         ) as stream:
             standby_open.set()
             standby_events.extend(await collect(stream, 1, timeout=20))
@@ -469,23 +474,25 @@ async def test_standby_waits_for_the_slot_then_takes_over(db: Database) -> None:
 
 # -- settings ----------------------------------------------------------------------
 
+_UNREACHABLE = "<a server where nothing listens>"
+
 
 @pytest.mark.parametrize(
     ("dsn", "options", "phrase"),
     [
-        (None, {"slot": "Bad-Name"}, "lower-case letters, digits and underscores"),
-        (None, {"slot": "x" * 64}, "1 to 63"),
-        (None, {"durable": True}, "a durable slot needs a name"),
-        (None, {"publication": []}, "publication must be"),
-        (None, {"publication": ""}, "publication must be"),
-        (None, {"publication": ["ok", ""]}, "publication must be"),
-        (None, {"max_batch_events": 0}, "max_batch_events"),
-        (None, {"origin": "bogus"}, "origin must be"),
-        (None, {"start_lsn": "xyz"}, "start_lsn"),
+        (_UNREACHABLE, {"slot": "Bad-Name"}, "lower-case letters, digits and underscores"),
+        (_UNREACHABLE, {"slot": "x" * 64}, "1 to 63"),
+        (_UNREACHABLE, {"durable": True}, "a durable slot needs a name"),
+        (_UNREACHABLE, {"publication": []}, "publication must be"),
+        (_UNREACHABLE, {"publication": ""}, "publication must be"),
+        (_UNREACHABLE, {"publication": ["ok", ""]}, "publication must be"),
+        (_UNREACHABLE, {"max_batch_events": 0}, "max_batch_events"),
+        (_UNREACHABLE, {"origin": "bogus"}, "origin must be"),
+        (_UNREACHABLE, {"start_lsn": "xyz"}, "start_lsn"),
         ("host=127.0.0.1 port", {}, "invalid connection string"),
         ("host=127.0.0.1 password='unterminated", {}, "invalid connection string"),
         ("postgresql://[::1/app", {}, "invalid connection string"),
-        (None, {"dsn_extra": "replication=database"}, "replication"),
+        (_UNREACHABLE + " replication=database", {}, "leave 'replication' out"),
     ],
     ids=[
         "bad_slot_name",
@@ -504,14 +511,11 @@ async def test_standby_waits_for_the_slot_then_takes_over(db: Database) -> None:
     ],
 )
 async def test_malformed_settings_fail_before_connecting(
-    dsn: str | None, options: dict[str, Any], phrase: str
+    dsn: str, options: dict[str, Any], phrase: str
 ) -> None:
     # Nothing listens there: a connection attempt would be a ConnectionFailed.
-    unreachable = f"host=127.0.0.1 port={_free_port()} user=postgres dbname=app"
-    options = dict(options)
-    if dsn is None:
-        dsn = unreachable + (" " + options.pop("dsn_extra") if "dsn_extra" in options else "")
-    options.setdefault("publication", "pub")
+    dsn = dsn.replace(_UNREACHABLE, f"host=127.0.0.1 port={_free_port()} user=postgres dbname=app")
+    options = {"publication": "pub", **options}
     with pytest.raises(ConfigurationError) as info:
         await _connect_and_open(dsn, connect_timeout=2, **options)
     assert isinstance(info.value, ValueError)

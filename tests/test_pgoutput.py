@@ -5,8 +5,10 @@ The corpus comes from tests/data/make_corpus.py; it holds every message type.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
+import struct
 from collections import Counter
 from pathlib import Path
 
@@ -40,6 +42,8 @@ from walex.pgoutput import (
     Update,
     decode,
 )
+from walex.pgoutput import decoder as decoder_module
+from walex.pgoutput.decoder import read_tuple_py
 
 DATA = Path(__file__).parent / "data"
 
@@ -77,7 +81,13 @@ def test_text_run_content(major: int) -> None:
     assert items.namespace == "public"
     assert items.replica_identity == "d"
     assert [c.name for c in items.columns][:7] == [
-        "id", "name", "qty", "price", "m", "tags", "doc",
+        "id",
+        "name",
+        "qty",
+        "price",
+        "m",
+        "tags",
+        "doc",
     ]
     assert [c.flags for c in items.columns][:3] == [1, 0, 0]
     assert rels["full_items"].replica_identity == "f"
@@ -90,18 +100,22 @@ def test_text_run_content(major: int) -> None:
     inserts = [m for m in msgs if isinstance(m, Insert) and m.relation_oid == items.oid]
     first = inserts[0].new
     assert first.values[:4] == [b"1", b"apple", b"3", b"1.25"]
-    assert first.text == 7 and first.binary == 0
+    assert first.text == 7
+    assert first.binary == 0
     second = inserts[1].new
-    assert second.values[1] is None and second.values[3] == b"NaN"
+    assert second.values[1] is None
+    assert second.values[3] == b"NaN"
 
     updates = [m for m in msgs if isinstance(m, Update)]
     # Key change under DEFAULT: the old key is sent ('K'); otherwise nothing.
     assert [u.old_kind for u in updates if u.relation_oid == items.oid] == [None, "K"]
     full = next(u for u in updates if u.relation_oid == rels["full_items"].oid)
     assert full.old_kind == "O"
-    assert full.old is not None and full.old.values[1] == b"x" * 10000
+    assert full.old is not None
+    assert full.old.values[1] == b"x" * 10000
     # The unchanged TOASTed body is not sent in the new row.
-    assert full.new.values[1] is UNCHANGED_TOAST and full.new.toast == 1
+    assert full.new.values[1] is UNCHANGED_TOAST
+    assert full.new.toast == 1
     toast = next(u for u in updates if u.relation_oid == rels["toast_items"].oid)
     assert toast.old is None
     assert toast.new.values == [b"1", UNCHANGED_TOAST, b"2"]
@@ -115,21 +129,26 @@ def test_text_run_content(major: int) -> None:
 
     logical = [m for m in msgs if isinstance(m, LogicalMessage)]
     assert [(m.prefix, m.transactional) for m in logical] == [
-        ("tx-prefix", True), ("plain", False),
+        ("tx-prefix", True),
+        ("plain", False),
     ]
-    assert logical[0].content == b"inside" and logical[1].content == b"\x00\xff"
+    assert logical[0].content == b"inside"
+    assert logical[1].content == b"\x00\xff"
 
     origin = next(m for m in msgs if isinstance(m, Origin))
-    assert origin.name == "upstream" and origin.commit_lsn == LSN.parse("0/ABCDEF")
+    assert origin.name == "upstream"
+    assert origin.commit_lsn == LSN.parse("0/ABCDEF")
 
     # The relation is described again after ALTER TABLE, with the new column.
     assert [c.name for c in [m for m in msgs if isinstance(m, Relation)][-1].columns][-1] in (
-        "extra", "payload",
+        "extra",
+        "payload",
     )
     begins = [m for m in msgs if isinstance(m, Begin)]
     commits = [m for m in msgs if isinstance(m, Commit)]
     for b, c in zip(begins, commits, strict=True):
-        assert b.final_lsn == c.commit_lsn and c.end_lsn > c.commit_lsn
+        assert b.final_lsn == c.commit_lsn
+        assert c.end_lsn > c.commit_lsn
         assert b.commit_ts == c.commit_ts
 
 
@@ -145,7 +164,8 @@ def test_binary_run_sends_binary_values(major: int) -> None:
 def test_streamed_messages(major: int) -> None:
     msgs = decode_all(corpus(major, "streaming"))
     starts = [m for m in msgs if isinstance(m, StreamStart)]
-    assert starts and starts[0].first_segment
+    assert starts
+    assert starts[0].first_segment
     assert sum(isinstance(m, StreamStop) for m in msgs) == len(starts)
     aborts = [m for m in msgs if isinstance(m, StreamAbort)]
     # The rolled-back savepoint (a subtransaction) and the rolled-back transaction.
@@ -153,7 +173,8 @@ def test_streamed_messages(major: int) -> None:
     assert any(a.subxid == a.xid for a in aborts)
     assert all(a.abort_lsn is None for a in aborts)  # only with streaming=parallel
     commits = [m for m in msgs if isinstance(m, StreamCommit)]
-    assert commits and all(c.end_lsn > c.commit_lsn for c in commits)
+    assert commits
+    assert all(c.end_lsn > c.commit_lsn for c in commits)
     # Inside a stream block each change carries its (sub)transaction id.
     in_block = [m for m in msgs if isinstance(m, Insert) and m.xid is not None]
     assert {m.xid for m in in_block} >= {starts[0].xid}
@@ -193,7 +214,8 @@ def test_malformed_messages_raise_decode_error(data: bytes) -> None:
 
 def test_decode_error_names_the_lsn() -> None:
     err = DecodeError("broken", LSN.parse("1/2"))
-    assert "at LSN 1/2" in str(err) and err.lsn == LSN.parse("1/2")
+    assert "at LSN 1/2" in str(err)
+    assert err.lsn == LSN.parse("1/2")
 
 
 _SAMPLES = corpus(16, "text")[:200] + corpus(16, "two_phase")[-60:]
@@ -203,10 +225,8 @@ _SAMPLES = corpus(16, "text")[:200] + corpus(16, "two_phase")[-60:]
 @given(st.binary(max_size=64))
 def test_random_bytes_never_crash(data: bytes) -> None:
     for in_stream in (False, True):
-        try:
+        with contextlib.suppress(DecodeError):
             decode(data, in_stream)
-        except DecodeError:
-            pass
 
 
 @settings(max_examples=600, deadline=None)
@@ -218,7 +238,45 @@ def test_damaged_real_messages_never_crash(msg: bytes, data: st.DataObject) -> N
     damaged = bytearray(msg[:cut])
     if damaged and pos < len(damaged):
         damaged[pos] = byte
-    try:
+    with contextlib.suppress(DecodeError):
         decode(bytes(damaged))
+
+
+def _python_or_error(data: bytes, pos: int) -> object:
+    try:
+        return read_tuple_py(data, pos)
+    except (DecodeError, IndexError, struct.error):
+        return DecodeError
+
+
+def _c_or_error(data: bytes, pos: int) -> object:
+    try:
+        return decoder_module.read_tuple(data, pos)
     except DecodeError:
-        pass
+        return DecodeError
+
+
+@pytest.mark.skipif(decoder_module._speedups is None, reason="the C speedup is not built")
+@pytest.mark.parametrize("major", MAJORS)
+@pytest.mark.parametrize("run", ["text", "binary", "streaming"])
+def test_c_speedup_agrees_with_python_on_real_rows(major: int, run: str) -> None:
+    assert decoder_module.read_tuple is not read_tuple_py
+    for msg in corpus(major, run):
+        if msg[:1] in (b"I", b"U", b"D"):
+            # The tuple starts after the relation OID and the 'N'/'K'/'O'
+            # marker (and the xid, in streams): try every start near there.
+            for start in range(1, min(len(msg), 12)):
+                assert _c_or_error(msg, start) == _python_or_error(msg, start)
+
+
+@pytest.mark.skipif(decoder_module._speedups is None, reason="the C speedup is not built")
+@settings(max_examples=800, deadline=None)
+@given(st.sampled_from(_SAMPLES), st.data())
+def test_c_speedup_agrees_with_python_on_damaged_rows(msg: bytes, data: st.DataObject) -> None:
+    cut = data.draw(st.integers(0, len(msg)))
+    pos = data.draw(st.integers(0, max(0, len(msg) - 1)))
+    damaged = bytearray(msg[:cut])
+    if damaged and pos < len(damaged):
+        damaged[pos] = data.draw(st.integers(0, 255))
+    start = data.draw(st.integers(0, 12))
+    assert _c_or_error(bytes(damaged), start) == _python_or_error(bytes(damaged), start)

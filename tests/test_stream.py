@@ -31,24 +31,35 @@ async def test_insert_update_delete_truncate_message(db: Database) -> None:
     ins, upd, msg, dele, trunc, ping = events
     assert (ins.type, ins.schema, ins.table) == ("insert", "public", "acct")
     assert ins.new_record == {"id": 1, "name": "ann", "balance": Decimal("10.5")}
-    assert ins.old_record is None and ins.changes is None
+    assert ins.old_record is None
+    assert ins.changes is None
     assert upd.type == "update"
     assert upd.old_record == {"id": 1, "name": "ann", "balance": Decimal("10.5")}
     assert upd.new_record == {"id": 1, "name": "ann", "balance": Decimal("11")}
     assert upd.changes == {"balance": (Decimal("10.5"), Decimal("11"))}
     assert (msg.type, msg.prefix, msg.content, msg.transactional) == (
-        "message", "audit", b"paid", True,
+        "message",
+        "audit",
+        b"paid",
+        True,
     )
-    assert dele.type == "delete" and dele.old_record == upd.new_record
+    assert dele.type == "delete"
+    assert dele.old_record == upd.new_record
     assert dele.new_record is None
     # One transaction: same commit LSN and xid, seq in statement order.
     assert upd.commit_lsn == msg.commit_lsn == dele.commit_lsn
     assert [upd.seq, msg.seq, dele.seq] == [0, 1, 2]
-    assert upd.id == f"{upd.commit_lsn}:0" and dele.id == f"{upd.commit_lsn}:2"
-    assert trunc.type == "truncate" and trunc.truncated == ("public.acct",)
-    assert trunc.restart_identity and not trunc.cascade
+    assert upd.id == f"{upd.commit_lsn}:0"
+    assert dele.id == f"{upd.commit_lsn}:2"
+    assert trunc.type == "truncate"
+    assert trunc.truncated == ("public.acct",)
+    assert trunc.restart_identity
+    assert not trunc.cascade
     assert (ping.type, ping.prefix, ping.content, ping.transactional) == (
-        "message", "ping", b"\x01", False,
+        "message",
+        "ping",
+        b"\x01",
+        False,
     )
     # Commit order.
     assert ins.commit_lsn < upd.commit_lsn < trunc.commit_lsn < ping.commit_lsn
@@ -71,11 +82,16 @@ async def test_source_describes_the_table(db: Database) -> None:
     src = event.source
     assert src is not None
     assert (src.database, src.schema, src.table, src.name) == (
-        db.name, "app", "line", "app.line",
+        db.name,
+        "app",
+        "line",
+        "app.line",
     )
     assert dict(src.columns) == {
-        "order_id": "integer", "line_no": "integer",
-        "sku": "character varying(20)", "qty": "integer",
+        "order_id": "integer",
+        "line_no": "integer",
+        "sku": "character varying(20)",
+        "qty": "integer",
     }
     assert src.primary_key == ("order_id", "line_no")
     assert src.replica_identity == "default"
@@ -108,7 +124,8 @@ async def test_large_transaction_arrives_in_bounded_batches(db: Database) -> Non
     assert [len(b) for b in batches] == [100] * 10 + [50]
     assert [b.last for b in batches] == [False] * 10 + [True]
     assert all(b.end_lsn is None for b in batches[:-1])
-    assert batches[-1].end_lsn is not None and batches[-1].end_lsn > batches[-1].commit_lsn
+    assert batches[-1].end_lsn is not None
+    assert batches[-1].end_lsn > batches[-1].commit_lsn
     ids = [e.new_record["id"] for b in batches for e in b.events if e.new_record]
     assert ids == list(range(1, 1051))
     assert [e.seq for b in batches for e in b.events] == list(range(1050))
@@ -132,7 +149,7 @@ async def test_several_publications(db: Database) -> None:
 async def test_quoted_names(db: Database) -> None:
     pub, slot = 'My "Pub"', db.unique("slot")
     db.execute('CREATE TABLE "Odd Table" ("Id" int PRIMARY KEY, "select" text)')
-    db.execute(f'CREATE PUBLICATION "My ""Pub""" FOR TABLE "Odd Table"')
+    db.execute('CREATE PUBLICATION "My ""Pub""" FOR TABLE "Odd Table"')
     async with walex.connect(db.dsn, publication=pub, slot=slot, durable=True) as stream:
         db.execute("""INSERT INTO "Odd Table" VALUES (1, 'x')""")
         (event,) = await collect(stream, 1)
@@ -163,7 +180,8 @@ async def test_schema_changes_show_in_next_events(db: Database) -> None:
         {"id": 4, "bee": 4, "c": {}},
         {"id": 5, "bee": "five", "c": {}},
     ]
-    assert events[-1].source is not None and events[-1].source.columns["bee"] == "text"
+    assert events[-1].source is not None
+    assert events[-1].source.columns["bee"] == "text"
 
 
 async def test_events_are_immutable_and_hashable_ids(db: Database) -> None:

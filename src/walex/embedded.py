@@ -89,7 +89,7 @@ _STOP_MODES = ("smart", "fast", "immediate")
 _LOG_TAIL_LINES = 30
 # Longer than the default wal_sender_timeout, which bounds how long a
 # logical replication client can hold up a fast shutdown.
-_STOP_TIMEOUT = 120
+_STOP_TIMEOUT = 90
 _PROC = Path("/proc")
 
 
@@ -553,11 +553,12 @@ class EmbeddedPostgres:
             EmbeddedPostgresError: initdb or the server failed; the message
                 has the end of the server log.
         """
-        if self.running:
+        pid = self.pid
+        if pid is not None:
             if self._status() != "stopping":
                 return
-            # A stop that timed out goes on in the background.
-            self._wait_until_stopped(_STOP_TIMEOUT)
+            # A stop is under way (in another thread, or one that timed out).
+            self._wait_until_gone(pid)
         if not self._finalizer.alive:
             self._finalizer = self._arm_finalizer()
         self._make_dir(self.base_dir, 0o755)
@@ -567,7 +568,7 @@ class EmbeddedPostgres:
         conf = self.data_dir / "walex.conf"
         conf.write_text(self._conf)
         _chown(conf, self._run_as)
-        result = self._pg_ctl("start", "-l", self.log_file, "-t", "60")
+        result = self._pg_ctl("start", "-w", "-t", "60", "-l", self.log_file)
         if result.returncode != 0 or not self.running:
             raise EmbeddedPostgresError(
                 f"Postgres {self.binaries.version} in {self.data_dir} did not start "
@@ -593,13 +594,17 @@ class EmbeddedPostgres:
         """
         if mode not in _STOP_MODES:
             raise ConfigurationError(f"stop mode must be one of {_STOP_MODES}, got {mode!r}")
-        if not self.running:
+        pid = self.pid
+        if pid is None:
             return
-        result = self._pg_ctl("stop", "-m", mode, "-t", str(_STOP_TIMEOUT))
+        # pg_ctl's own wait (-w) watches postmaster.pid, and gives up if a new
+        # server writes one meanwhile; the postmaster's pid is what to watch.
+        result = self._pg_ctl("stop", "-W", "-m", mode)
         if result.returncode != 0 and self.running:
             raise EmbeddedPostgresError(
                 f"Postgres in {self.data_dir} did not stop: {_output(result)}{self._log_tail()}"
             )
+        self._wait_until_gone(pid)
 
     def restart(self) -> None:
         """Stop the server (fast mode) and start it again, on the same port and data."""
@@ -665,9 +670,8 @@ class EmbeddedPostgres:
             >>> pg.dsn("shop", application_name="demo")  # doctest: +SKIP
             'host=127.0.0.1 port=54321 user=postgres dbname=shop application_name=demo'
         """
-        return make_conninfo(
-            "", host=_HOST, port=str(self.port), user=_USER, dbname=dbname, **params
-        )
+        base = {"host": _HOST, "port": str(self.port), "user": _USER, "dbname": dbname}
+        return make_conninfo("", **{**base, **params})
 
     def create_database(self, name: str) -> str:
         """Create a database and return its connection string.
@@ -782,10 +786,7 @@ class EmbeddedPostgres:
 
     def _pg_ctl(self, command: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
         return _run(
-            [self.binaries.bindir / "pg_ctl", command, "-D", self.data_dir, "-w", *args],
-            self._run_as,
-            # pg_ctl's own -t gives up first, with a message.
-            timeout=_STOP_TIMEOUT + 30,
+            [self.binaries.bindir / "pg_ctl", command, "-D", self.data_dir, *args], self._run_as
         )
 
     def _status(self) -> str | None:
@@ -797,15 +798,15 @@ class EmbeddedPostgres:
         # Line 8 of postmaster.pid (Postgres 10+) is the postmaster's status.
         return lines[7].strip() if len(lines) > 7 else None
 
-    def _wait_until_stopped(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while self.running:
+    def _wait_until_gone(self, pid: int) -> None:
+        deadline = time.monotonic() + _STOP_TIMEOUT
+        while _alive(pid):
             if time.monotonic() > deadline:
                 raise EmbeddedPostgresError(
-                    f"Postgres in {self.data_dir} is still shutting down after {timeout:.0f} s"
-                    f"{self._log_tail()}"
+                    f"Postgres in {self.data_dir} is still shutting down after "
+                    f"{_STOP_TIMEOUT} s{self._log_tail()}"
                 )
-            time.sleep(0.05)
+            time.sleep(0.01)
 
     def _log_tail(self) -> str:
         try:

@@ -121,10 +121,13 @@ class _Spool:
 
     def __init__(self, directory: str | None, in_stream: bool) -> None:
         # Closed by close(), when the transaction is handed on or dropped.
-        self.file: IO[bytes] = tempfile.TemporaryFile(prefix="walex-spool-", dir=directory)  # noqa: SIM115
+        self.file: IO[bytes] = tempfile.TemporaryFile(  # noqa: SIM115
+            prefix="walex-spool-", dir=directory
+        )
         self.in_stream = in_stream  # records carry the (sub)transaction id
         self.aborted: set[int] = set()
         self.prepare_lsn: LSN | None = None
+        self.relations_applied = False
         self.count = 0
 
     def write(self, lsn: int, payload: bytes) -> None:
@@ -283,6 +286,7 @@ class Stream:
         self._prepare_spool: _Spool | None = None
         self._prepared: dict[str, _Spool] = {}
         self._replay: _Replay | None = None
+        self._relations_todo: _Spool | None = None
         self._clock = 0
 
         self._handled = LSN(0)  # newest position whose changes are all handled
@@ -772,6 +776,8 @@ class Stream:
                     await self._on_relation(msg)  # type: ignore[arg-type]
                 else:
                     self._on_other(msg, lsn)
+                    if self._relations_todo is not None:
+                        await self._apply_spooled_relations()
             elif tag == _K:
                 wal_end, _clock, reply = parse_keepalive(frame)
                 if wal_end > self._server_wal_end:
@@ -1080,7 +1086,11 @@ class Stream:
             if spool is None:
                 raise DecodeError(f"stream prepare of unknown transaction {m.xid}", LSN(lsn))
             spool.prepare_lsn = m.prepare_lsn
+            spool.relations_applied = True
             self._prepared[m.gid] = spool
+            # The server counts the table descriptions inside a prepared
+            # stream as delivered: later transactions rely on them.
+            self._relations_todo = spool
         elif t is CommitPrepared:
             m = msg
             spool = self._prepared.pop(m.gid, None)
@@ -1111,6 +1121,17 @@ class Stream:
         self._prepare_spool = None
         self._prepared[msg.gid] = spool
 
+    async def _apply_spooled_relations(self) -> None:
+        spool = self._relations_todo
+        assert spool is not None
+        self._relations_todo = None
+        for lsn, payload in spool.records():
+            if payload[0] == _RELATION_TAG:
+                msg = self._decode(payload, lsn, spool.in_stream)
+                assert isinstance(msg, Relation)
+                if msg.xid not in spool.aborted:
+                    await self._on_relation(msg)
+
     async def _replay_some(self) -> None:
         replay = self._replay
         assert replay is not None
@@ -1130,7 +1151,7 @@ class Stream:
             elif t is Delete:
                 self._on_delete(msg, lsn)  # type: ignore[arg-type]
             elif t is Relation:
-                if in_stream:
+                if in_stream and not spool.relations_applied:
                     await self._on_relation(msg)  # type: ignore[arg-type]
             elif t is Truncate:
                 self._on_truncate(msg, lsn)  # type: ignore[arg-type]

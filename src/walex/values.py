@@ -28,7 +28,6 @@ from psycopg.types import TypeInfo
 from psycopg.types import datetime as dt
 from psycopg.types.composite import CompositeInfo, register_composite
 from psycopg.types.hstore import register_hstore
-from psycopg.types.json import set_json_loads
 from psycopg.types.multirange import MultirangeInfo, register_multirange
 from psycopg.types.range import RangeInfo, register_range
 from psycopg.types.string import TextBinaryLoader, TextLoader
@@ -73,10 +72,35 @@ def json_loads(data: str | bytes) -> Any:
     return json.loads(data)
 
 
+class _JsonLoader(Loader):
+    """json and jsonb text values through :func:`json_loads`, in one call."""
+
+    def load(self, data: Buffer) -> Any:
+        return json_loads(data if type(data) is bytes else bytes(data))
+
+
+class _JsonbBinaryLoader(Loader):
+    """jsonb in binary: a version byte (1), then the text."""
+
+    format = _BINARY
+
+    def load(self, data: Buffer) -> Any:
+        if data[:1] != b"\x01":
+            raise psycopg.DataError(f"unknown jsonb binary format: {bytes(data[:1])!r}")
+        return json_loads(bytes(data[1:]))
+
+
+class _JsonBinaryLoader(_JsonLoader):
+    format = _BINARY
+
+
 def make_adapters() -> AdaptersMap:
     """A private adapters map for walex, with a fast JSON loader if installed."""
     adapters = AdaptersMap(psycopg.adapters)
-    set_json_loads(json_loads, adapters)
+    adapters.register_loader("json", _JsonLoader)
+    adapters.register_loader("jsonb", _JsonLoader)
+    adapters.register_loader("json", _JsonBinaryLoader)
+    adapters.register_loader("jsonb", _JsonbBinaryLoader)
     return adapters
 
 

@@ -124,7 +124,11 @@ def capture(major: int) -> list[dict[str, object]]:
                 ("plain", "binary", {"messages": "true", "binary": "true"}),
                 ("plain", "streaming", {"messages": "true", "streaming": "on"}),
                 ("plain", "v1", {"messages": "true", "proto_version": "1"}),
-                ("twophase", "two_phase", {"messages": "true", "two_phase": "on", "streaming": "on"}),
+                (
+                    "twophase",
+                    "two_phase",
+                    {"messages": "true", "two_phase": "on", "streaming": "on"},
+                ),
             ]
             for slot, name, opts in runs:
                 opts = {"proto_version": version, "publication_names": "corpus", **opts}

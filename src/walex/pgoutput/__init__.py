@@ -5,7 +5,57 @@ binary tuple data. See :func:`decode`.
 """
 
 from .decoder import Decoder, decode, read_tuple
-from .messages import *  # noqa: F403
-from .messages import __all__ as _messages_all
+from .messages import (
+    UNCHANGED_TOAST,
+    Begin,
+    BeginPrepare,
+    Column,
+    Commit,
+    CommitPrepared,
+    Delete,
+    Insert,
+    LogicalMessage,
+    Message,
+    Origin,
+    Prepare,
+    Relation,
+    RollbackPrepared,
+    StreamAbort,
+    StreamCommit,
+    StreamPrepare,
+    StreamStart,
+    StreamStop,
+    Truncate,
+    TupleData,
+    Type,
+    Update,
+)
 
-__all__ = ["Decoder", "decode", "read_tuple", *_messages_all]
+__all__ = [
+    "UNCHANGED_TOAST",
+    "Begin",
+    "BeginPrepare",
+    "Column",
+    "Commit",
+    "CommitPrepared",
+    "Decoder",
+    "Delete",
+    "Insert",
+    "LogicalMessage",
+    "Message",
+    "Origin",
+    "Prepare",
+    "Relation",
+    "RollbackPrepared",
+    "StreamAbort",
+    "StreamCommit",
+    "StreamPrepare",
+    "StreamStart",
+    "StreamStop",
+    "Truncate",
+    "TupleData",
+    "Type",
+    "Update",
+    "decode",
+    "read_tuple",
+]

@@ -53,6 +53,7 @@ _qqi = struct.Struct(">Qqi").unpack_from  # lsn, timestamp, xid
 
 _T, _B, _N, _U = ord("t"), ord("b"), ord("n"), ord("u")
 _STREAM_STOP = StreamStop()
+_tnew = tuple.__new__  # a named tuple without its Python-level __new__
 
 
 def _string(data: bytes, pos: int) -> tuple[str, int]:
@@ -63,6 +64,8 @@ def _string(data: bytes, pos: int) -> tuple[str, int]:
 def read_tuple(data: bytes, pos: int) -> tuple[TupleData, int]:
     """Read TupleData at *pos*; return it and the position after it."""
     (ncols,) = _i16(data, pos)
+    if ncols < 0:
+        raise DecodeError("negative column count in tuple data")
     start = pos = pos + 2
     values: list[bytes | _UnchangedToast | None] = []
     append = values.append
@@ -71,6 +74,8 @@ def read_tuple(data: bytes, pos: int) -> tuple[TupleData, int]:
         kind = data[pos]
         if kind == _T:
             (size,) = _i32(data, pos + 1)
+            if size < 0:
+                raise DecodeError("negative value length in tuple data")
             pos += 5
             append(data[pos : pos + size])
             pos += size
@@ -80,6 +85,8 @@ def read_tuple(data: bytes, pos: int) -> tuple[TupleData, int]:
             pos += 1
         elif kind == _B:
             (size,) = _i32(data, pos + 1)
+            if size < 0:
+                raise DecodeError("negative value length in tuple data")
             pos += 5
             append(data[pos : pos + size])
             pos += size
@@ -95,6 +102,17 @@ def read_tuple(data: bytes, pos: int) -> tuple[TupleData, int]:
     if nbin and ntext:
         return TupleData(values, nbin, ntext, ntoast, _kinds(data, start, ncols)), pos
     return TupleData(values, nbin, ntext, ntoast), pos
+
+
+try:
+    from . import _speedups
+except ImportError:  # pragma: no cover - built where a C compiler is available
+    _speedups = None  # type: ignore[assignment]
+
+read_tuple_py = read_tuple
+if _speedups is not None:
+    _speedups.setup(UNCHANGED_TOAST, TupleData, DecodeError)
+    read_tuple = _speedups.read_tuple
 
 
 def _kinds(data: bytes, pos: int, ncols: int) -> bytes:
@@ -138,7 +156,7 @@ def _insert(data: bytes, pos: int, xid: int | None) -> Insert:
         raise DecodeError("insert without a new tuple")
     tup, pos = read_tuple(data, pos + 5)
     _end(data, pos)
-    return Insert(xid, relid, tup)
+    return _tnew(Insert, (xid, relid, tup))
 
 
 def _update(data: bytes, pos: int, xid: int | None) -> Update:
@@ -155,7 +173,7 @@ def _update(data: bytes, pos: int, xid: int | None) -> Update:
         raise DecodeError(f"update with tuple marker {kind!r}, expected 'N'")
     new, pos = read_tuple(data, pos + 1)
     _end(data, pos)
-    return Update(xid, relid, old_kind, old, new)
+    return _tnew(Update, (xid, relid, old_kind, old, new))
 
 
 def _delete(data: bytes, pos: int, xid: int | None) -> Delete:
@@ -165,7 +183,7 @@ def _delete(data: bytes, pos: int, xid: int | None) -> Delete:
         raise DecodeError(f"delete with tuple marker {kind!r}, expected 'K' or 'O'")
     old, pos = read_tuple(data, pos + 5)
     _end(data, pos)
-    return Delete(xid, relid, kind, old)
+    return _tnew(Delete, (xid, relid, kind, old))
 
 
 def _truncate(data: bytes, pos: int, xid: int | None) -> Truncate:
