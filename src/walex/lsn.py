@@ -13,9 +13,12 @@ Example:
 
 from __future__ import annotations
 
+import re
+
 __all__ = ["LSN"]
 
 _MAX = (1 << 64) - 1
+_FORM = re.compile(r"([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})")
 
 
 class LSN(int):
@@ -37,13 +40,10 @@ class LSN(int):
         Raises:
             ValueError: if *text* is not two hexadecimal halves of 32 bits.
         """
-        high, sep, low = text.strip().partition("/")
-        try:
-            if not sep or not high or not low or len(high) > 8 or len(low) > 8:
-                raise ValueError
-            return super().__new__(cls, (int(high, 16) << 32) | int(low, 16))
-        except ValueError:
-            raise ValueError(f"not an LSN: {text!r} (expected the form '16/B374D848')") from None
+        match = _FORM.fullmatch(text.strip())
+        if match is None:
+            raise ValueError(f"not an LSN: {text!r} (expected the form '16/B374D848')")
+        return super().__new__(cls, (int(match[1], 16) << 32) | int(match[2], 16))
 
     def __str__(self) -> str:
         return f"{self >> 32:X}/{self & 0xFFFFFFFF:X}"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import struct
 import time
 from collections import deque
@@ -131,22 +130,7 @@ class ReplicationConnection:
             pgconn.finish()
             raise
         pgconn.nonblocking = 1
-        conn = cls(pgconn)
-        conn._tune_socket()
-        return conn
-
-    def _tune_socket(self) -> None:
-        # Wake up for a useful amount of data rather than for every packet.
-        try:
-            sock = socket.socket(fileno=self._fd)
-        except OSError:  # pragma: no cover - not a socket we can wrap
-            return
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        except OSError:  # pragma: no cover
-            pass
-        finally:
-            sock.detach()
+        return cls(pgconn)
 
     @property
     def server_version(self) -> int:
