@@ -1,0 +1,7 @@
+"""``python -m walex``: the ``walex`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,155 @@
+"""One JSON shape for an event, the same everywhere walex writes events out.
+
+``walex tail --format json``, the file destination and every broker
+destination write an event as :func:`to_dict` describes, encoded by
+:func:`dumps`. The shape is stable (version 1) and described by the JSON
+Schema in ``docs/event.schema.json``.
+
+Values are encoded without loss, as text where JSON has no type for them:
+
+==================  ==================================================
+Python value        JSON
+==================  ==================================================
+``Decimal``         string: ``"1234.50"``, ``"NaN"``
+``float`` NaN, ±inf string: ``"NaN"``, ``"Infinity"``, ``"-Infinity"``
+``datetime`` etc.   ISO 8601 string: ``"2024-05-01T12:00:00+00:00"``
+``timedelta``       ISO 8601 duration: ``"P1DT3600.5S"``
+``UUID``, IPs       string
+``bytes``           string ``"\\\\x"`` + hex, as Postgres prints bytea
+``Range``           ``{"lower", "upper", "bounds": "[)", "empty"}``
+``Multirange``      list of ranges
+composite           object of its fields
+anything else       ``str(value)``
+==================  ==================================================
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal
+from enum import Enum
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+)
+from typing import Any
+from uuid import UUID
+
+from psycopg.types.multirange import Multirange
+from psycopg.types.range import Range
+
+from .events import Event
+
+__all__ = ["WIRE_VERSION", "dumps", "encode_value", "to_dict"]
+
+WIRE_VERSION = 1
+
+_IP = (IPv4Address, IPv6Address, IPv4Interface, IPv6Interface, IPv4Network, IPv6Network)
+
+
+def encode_value(value: Any) -> Any:
+    """A JSON-ready form of one column value (see the module's table)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "Infinity" if value > 0 else "-Infinity"
+        return value
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, (datetime, date, time)):
+        return value.isoformat()
+    if isinstance(value, timedelta):
+        return _duration(value)
+    if isinstance(value, (UUID, *_IP)):
+        return str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "\\x" + bytes(value).hex()
+    if isinstance(value, Mapping):
+        return {str(k): encode_value(v) for k, v in value.items()}
+    if isinstance(value, Range):
+        return {
+            "lower": encode_value(value.lower),
+            "upper": encode_value(value.upper),
+            "bounds": value.bounds,
+            "empty": value.isempty,
+        }
+    if isinstance(value, Multirange):
+        return [encode_value(r) for r in value]
+    if isinstance(value, tuple) and hasattr(value, "_asdict"):
+        return {k: encode_value(v) for k, v in value._asdict().items()}
+    if isinstance(value, (list, tuple)):
+        return [encode_value(v) for v in value]
+    if isinstance(value, Enum):
+        return encode_value(value.value)
+    return str(value)
+
+
+def _duration(td: timedelta) -> str:
+    seconds = td.seconds + td.microseconds / 1_000_000
+    text = f"{seconds:.6f}".rstrip("0").rstrip(".")
+    return f"P{td.days}DT{text}S"
+
+
+def _record(record: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if record is None:
+        return None
+    return {k: encode_value(v) for k, v in record.items()}
+
+
+def to_dict(event: Event) -> dict[str, Any]:
+    """The wire form of *event*: a dict of JSON-ready values."""
+    changes = event.changes
+    out: dict[str, Any] = {
+        "id": event.id,
+        "type": event.type,
+        "schema": event.schema,
+        "table": event.table,
+        "new_record": _record(event.new_record),
+        "old_record": _record(event.old_record),
+        "changes": (
+            None
+            if changes is None
+            else {k: [encode_value(o), encode_value(n)] for k, (o, n) in changes.items()}
+        ),
+        "unchanged_toast": sorted(event.unchanged_toast),
+        "commit_timestamp": event.commit_timestamp.isoformat(),
+        "commit_lsn": str(event.commit_lsn),
+        "lsn": str(event.lsn),
+        "xid": event.xid,
+        "seq": event.seq,
+        "version": WIRE_VERSION,
+    }
+    if event.source is not None:
+        out["primary_key"] = {
+            k: encode_value((event.record or {}).get(k)) for k in event.source.primary_key
+        }
+    if event.type == "message":
+        content = event.content or b""
+        try:
+            out["content"] = content.decode()
+            out["content_encoding"] = "text"
+        except UnicodeDecodeError:
+            out["content"] = "\\x" + content.hex()
+            out["content_encoding"] = "hex"
+        out["prefix"] = event.prefix
+        out["transactional"] = event.transactional
+    if event.type == "truncate":
+        out["truncated"] = list(event.truncated)
+        out["cascade"] = event.cascade
+        out["restart_identity"] = event.restart_identity
+    return out
+
+
+def dumps(event: Event) -> str:
+    """One event as one line of JSON (no newline)."""
+    return json.dumps(to_dict(event), ensure_ascii=False, separators=(",", ":"))
