@@ -22,6 +22,7 @@ import re
 import secrets
 import struct
 import tempfile
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -76,7 +77,10 @@ from .replication import (
 )
 from .values import RelationCodec, TypeResolver, has_binary_loader, make_adapters, make_source
 
-__all__ = ["Stream", "connect"]
+__all__ = ["HEARTBEAT_PREFIX", "Stream", "connect"]
+
+#: The prefix of the logical messages walex writes as heartbeats.
+HEARTBEAT_PREFIX = "walex.heartbeat"
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +211,7 @@ class Stream:
         max_reconnect_delay: float = 30.0,
         connect_timeout: float = 30.0,
         spool_dir: str | os.PathLike[str] | None = None,
+        heartbeat_interval: float | None = None,
     ) -> None:
         if not isinstance(dsn, str):
             raise ConfigurationError("dsn must be a libpq connection string or URL (a str)")
@@ -237,6 +242,8 @@ class Stream:
             raise ConfigurationError(f"origin must be 'none', 'any' or None, not {origin!r}")
         if not isinstance(max_batch_events, int) or max_batch_events < 1:
             raise ConfigurationError("max_batch_events must be a whole number of at least 1")
+        if heartbeat_interval is not None and not heartbeat_interval > 0:
+            raise ConfigurationError("heartbeat_interval must be a positive number of seconds")
         if not status_interval > 0:
             raise ConfigurationError("status_interval must be a positive number of seconds")
         if isinstance(start_lsn, str):
@@ -264,6 +271,12 @@ class Stream:
         self.max_reconnect_delay = max_reconnect_delay
         self.connect_timeout = connect_timeout
         self._spool_dir = os.fspath(spool_dir) if spool_dir is not None else None
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeats_sent = 0
+        self.heartbeats_received = 0
+        self.last_heartbeat: float | None = None  # time.monotonic() of the last one received
+        self.last_heartbeat_lsn: LSN | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
 
         self._adapters = make_adapters()
         self._resolver = TypeResolver(self._adapters)
@@ -354,17 +367,21 @@ class Stream:
         except BaseException:
             await self._close_connections()
             raise
-        self._status_task = asyncio.get_running_loop().create_task(self._status_loop())
+        loop = asyncio.get_running_loop()
+        self._status_task = loop.create_task(self._status_loop())
+        if self.heartbeat_interval is not None:
+            self._heartbeat_task = loop.create_task(self._heartbeat_loop(self.heartbeat_interval))
 
     async def aclose(self) -> None:
         """Confirm what was handled, then close the connections."""
         if self._closed:
             return
         self._closed = True
-        if self._status_task is not None:
-            self._status_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._status_task
+        for task in (self._status_task, self._heartbeat_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         conn = self._conn
         if conn is not None and not conn.closed:
             with contextlib.suppress(WalexError, OSError):
@@ -649,6 +666,21 @@ class Stream:
             self._send_status()
             # Coalesce: at most a few updates a second, however fast we confirm.
             await asyncio.sleep(0.1)
+
+    async def _heartbeat_loop(self, interval: float) -> None:
+        # A message in this database's WAL moves the slot on even when only
+        # other databases (or unpublished tables) change. walex swallows it.
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                catalog = await self._open_catalog()
+                await catalog.execute(
+                    "SELECT pg_logical_emit_message(false, %s, '')", (HEARTBEAT_PREFIX,)
+                )
+                self.heartbeats_sent += 1
+            except (WalexError, psycopg.Error) as exc:
+                logger.warning("heartbeat not sent: %s", exc)
+                await self._drop_catalog()
 
     def _send_status(self, reply: bool = False) -> None:
         conn = self._conn
@@ -986,6 +1018,12 @@ class Stream:
                 )
             )
             return
+        if msg.prefix == HEARTBEAT_PREFIX and not msg.transactional:
+            self.heartbeats_received += 1
+            self.last_heartbeat = time.monotonic()
+            self.last_heartbeat_lsn = msg.lsn
+            self._ready.append(_Mark(msg.lsn))
+            return
         # Outside a transaction: a batch of its own, confirmed once handled.
         own = Transaction(0, msg.lsn, _timestamp(self._clock))
         event = _new_event(
@@ -1248,7 +1286,8 @@ def connect(
             ``two_phase``, ``origin``, ``messages``, ``max_batch_events``,
             ``status_interval``, ``allow_gap``, ``wait_for_slot``,
             ``standby_retry``, ``reconnect``, ``max_reconnect_delay``,
-            ``connect_timeout``, ``spool_dir``: see :class:`Stream`.
+            ``connect_timeout``, ``spool_dir``, ``heartbeat_interval``: see
+            :class:`Stream` and docs/engine.md.
 
     Returns:
         A :class:`Stream`; use it with ``async with``.
