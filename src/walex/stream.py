@@ -46,7 +46,7 @@ from .errors import (
 )
 from .events import Batch, Event, Transaction
 from .lsn import LSN
-from .pgoutput.decoder import decode
+from .pgoutput.decoder import decode, decode_insert
 from .pgoutput.messages import (
     Begin,
     BeginPrepare,
@@ -88,6 +88,7 @@ _PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 _W, _K = ord("w"), ord("k")
 _STREAM_STOP, _PREPARE = ord("E"), ord("P")
 _RELATION_TAG = ord("R")
+_INSERT_TAG = ord("I")
 _XLOG_HEADER = struct.Struct(">QQq")
 _SPOOL_RECORD = struct.Struct(">QI")
 _SLOT_NAME = re.compile(r"^[a-z0-9_]{1,63}$")
@@ -796,6 +797,16 @@ class Stream:
                     else:
                         self._prepare_spool.write(lsn, frame[25:])
                     continue
+                if frame[25] == _INSERT_TAG:
+                    # The common case, without the general dispatch.
+                    try:
+                        insert = decode_insert(frame, 26, None)
+                    except DecodeError as exc:
+                        raise DecodeError(str(exc), LSN(lsn)) from exc
+                    except (struct.error, IndexError, ValueError) as exc:
+                        raise DecodeError(f"malformed insert message ({exc})", LSN(lsn)) from exc
+                    self._on_insert(insert, lsn)
+                    continue
                 msg = self._decode(frame, lsn, False, 25)
                 t = type(msg)
                 if t is Insert:
@@ -868,9 +879,12 @@ class Stream:
         txn = self._txn
         if txn is None:
             raise self._no_txn(lsn)
-        codec = self._codec(msg.relation_oid, lsn)
+        codec = self._relations.get(msg.relation_oid)
+        if codec is None:
+            codec = self._codec(msg.relation_oid, lsn)
         new, toast = codec.load(msg.new)
-        self._push(
+        events = self._events
+        events.append(
             _new_event(
                 Event,
                 (
@@ -891,6 +905,10 @@ class Stream:
                 ),
             )
         )
+        self._seq += 1
+        if len(events) >= self.max_batch_events:
+            self._ready.append(Batch(txn, events, False))
+            self._events = []
 
     def _on_update(self, msg: Update, lsn: int) -> None:
         txn = self._txn
