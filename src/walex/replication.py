@@ -151,32 +151,39 @@ class ReplicationConnection:
                 return
             await _wait_fd(self._loop, self._fd, write=True)
 
+    async def _send(self, query: str) -> None:
+        try:
+            self.pgconn.send_query(query.encode())
+        except psycopg.OperationalError as exc:
+            raise StreamError(f"could not send {query.split()[0]}: {exc}") from exc
+        await self._flush()
+
+    async def _result(self) -> PGresult | None:
+        """The next result of the running command, waiting without blocking."""
+        try:
+            while self.pgconn.is_busy():
+                await _wait_fd(self._loop, self._fd)
+                self.pgconn.consume_input()
+        except psycopg.OperationalError as exc:
+            raise StreamError(f"lost the connection to the server: {exc}") from exc
+        return self.pgconn.get_result()
+
     async def command(self, query: str) -> list[tuple[str | None, ...]]:
         """Run one replication command (simple query protocol); return its rows.
 
         Raises:
             ServerError: the server answered with an error.
         """
-        self.pgconn.send_query(query.encode())
-        await self._flush()
+        await self._send(query)
         rows: list[tuple[str | None, ...]] = []
         error: ServerError | None = None
-        while True:
-            while self.pgconn.is_busy():
-                await _wait_fd(self._loop, self._fd)
-                self.pgconn.consume_input()
-            res = self.pgconn.get_result()
-            if res is None:
-                break
+        while (res := await self._result()) is not None:
             if res.status == pq.ExecStatus.FATAL_ERROR:
                 error = _result_error(res)
             elif res.status == pq.ExecStatus.TUPLES_OK:
                 for r in range(res.ntuples):
-                    row = []
-                    for c in range(res.nfields):
-                        v = res.get_value(r, c)
-                        row.append(v.decode() if v is not None else None)
-                    rows.append(tuple(row))
+                    values = (res.get_value(r, c) for c in range(res.nfields))
+                    rows.append(tuple(v.decode() if v is not None else None for v in values))
         if error is not None:
             raise error
         if self.pgconn.status != pq.ConnStatus.OK:
@@ -185,13 +192,9 @@ class ReplicationConnection:
 
     async def start(self, query: str) -> None:
         """Send START_REPLICATION and wait for the copy stream to open."""
-        self.pgconn.send_query(query.encode())
-        await self._flush()
+        await self._send(query)
         while True:
-            while self.pgconn.is_busy():
-                await _wait_fd(self._loop, self._fd)
-                self.pgconn.consume_input()
-            res = self.pgconn.get_result()
+            res = await self._result()
             if res is None:
                 raise StreamError(self._error("START_REPLICATION returned no result"))
             if res.status == pq.ExecStatus.COPY_BOTH:

@@ -44,7 +44,7 @@ from .errors import (
     StreamError,
     WalexError,
 )
-from .events import Batch, Event, Transaction
+from .events import Batch, Event, Source, Transaction
 from .lsn import LSN
 from .pgoutput.decoder import decode, decode_insert
 from .pgoutput.messages import (
@@ -102,6 +102,21 @@ _OBJECT_IN_USE = "55006"
 _UNDEFINED_OBJECT = "42704"
 _DUPLICATE_OBJECT = "42710"
 _CONFIG_LIMIT = "53400"
+
+
+def _row_event(
+    kind: str,
+    source: Source,
+    new: dict[str, Any] | None,
+    old: dict[str, Any] | None,
+    toast: frozenset[str],
+    lsn: int,
+    seq: int,
+    txn: Transaction,
+) -> Event:
+    """An insert, update or delete event, made without NamedTuple's slow __new__."""
+    fields = (kind, source, new, old, toast, _new_lsn(LSN, lsn), seq, txn)
+    return _new_event(Event, (*fields, None, None, None, (), False, False))
 
 
 def _timestamp(us: int) -> datetime:
@@ -884,27 +899,7 @@ class Stream:
             codec = self._codec(msg.relation_oid, lsn)
         new, toast = codec.load(msg.new)
         events = self._events
-        events.append(
-            _new_event(
-                Event,
-                (
-                    "insert",
-                    codec.source,
-                    new,
-                    None,
-                    toast,
-                    _new_lsn(LSN, lsn),
-                    self._seq,
-                    txn,
-                    None,
-                    None,
-                    None,
-                    (),
-                    False,
-                    False,
-                ),
-            )
-        )
+        events.append(_row_event("insert", codec.source, new, None, toast, lsn, self._seq, txn))
         self._seq += 1
         if len(events) >= self.max_batch_events:
             self._ready.append(Batch(txn, events, False))
@@ -928,29 +923,7 @@ class Stream:
             for c in filled:
                 new[c] = old[c]
             toast = toast.difference(filled)
-        elif toast and old is None:
-            pass
-        self._push(
-            _new_event(
-                Event,
-                (
-                    "update",
-                    codec.source,
-                    new,
-                    old,
-                    toast,
-                    _new_lsn(LSN, lsn),
-                    self._seq,
-                    txn,
-                    None,
-                    None,
-                    None,
-                    (),
-                    False,
-                    False,
-                ),
-            )
-        )
+        self._push(_row_event("update", codec.source, new, old, toast, lsn, self._seq, txn))
 
     def _on_delete(self, msg: Delete, lsn: int) -> None:
         txn = self._txn
@@ -958,27 +931,7 @@ class Stream:
             raise self._no_txn(lsn)
         codec = self._codec(msg.relation_oid, lsn)
         old = codec.load(msg.old)[0] if msg.old_kind == "O" else codec.load_key(msg.old)
-        self._push(
-            _new_event(
-                Event,
-                (
-                    "delete",
-                    codec.source,
-                    None,
-                    old,
-                    _NO_TOAST,
-                    _new_lsn(LSN, lsn),
-                    self._seq,
-                    txn,
-                    None,
-                    None,
-                    None,
-                    (),
-                    False,
-                    False,
-                ),
-            )
-        )
+        self._push(_row_event("delete", codec.source, None, old, _NO_TOAST, lsn, self._seq, txn))
 
     def _on_truncate(self, msg: Truncate, lsn: int) -> None:
         txn = self._txn

@@ -72,25 +72,20 @@ def read_tuple(data: bytes, pos: int) -> tuple[TupleData, int]:
     nbin = ntext = ntoast = 0
     for _ in range(ncols):
         kind = data[pos]
-        if kind == _T:
+        if kind in (_T, _B):
             (size,) = _i32(data, pos + 1)
             if size < 0:
                 raise DecodeError("negative value length in tuple data")
             pos += 5
             append(data[pos : pos + size])
             pos += size
-            ntext += 1
+            if kind == _T:
+                ntext += 1
+            else:
+                nbin += 1
         elif kind == _N:
             append(None)
             pos += 1
-        elif kind == _B:
-            (size,) = _i32(data, pos + 1)
-            if size < 0:
-                raise DecodeError("negative value length in tuple data")
-            pos += 5
-            append(data[pos : pos + size])
-            pos += size
-            nbin += 1
         elif kind == _U:
             append(UNCHANGED_TOAST)
             pos += 1
