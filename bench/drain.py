@@ -187,6 +187,10 @@ def _check_values(event: walex.Event) -> None:
 def child_main(spec: str) -> None:
     """``--child``: one walex drain, figures printed as one JSON line."""
     args = json.loads(spec)
+    if os.environ.get("WALEX_BENCH_GC") == "off":
+        import gc
+
+        gc.disable()
     result = asyncio.run(
         walex_drain(
             args["dsn"],
