@@ -353,3 +353,15 @@ async def test_heartbeats_travel_the_stream_and_are_not_delivered(db: Database) 
         (event,) = await reader
     assert event.type == "insert"
     assert event.new_record == {"id": 1, "v": "real"}
+
+
+async def test_lost_catalog_connection_is_reopened(db: Database) -> None:
+    pub, _ = make_table(db)
+    async with walex.connect(db.dsn, publication=pub) as stream:
+        db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'walex-catalog' AND datname = current_database()"
+        )
+        db.execute("INSERT INTO t VALUES (1, 'after')")
+        (event,) = await collect(stream, 1)
+    assert event.new_record == {"id": 1, "v": "after"}

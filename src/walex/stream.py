@@ -32,7 +32,14 @@ from typing import IO, Any, Literal
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from .admin import ServerFacts, connect_sql, connection_error, preflight, slot_info
+from .admin import (
+    SLOT_NAME,
+    ServerFacts,
+    connect_sql,
+    connection_error,
+    preflight,
+    slot_info,
+)
 from .errors import (
     ConfigurationError,
     ConnectionFailed,
@@ -92,7 +99,6 @@ _RELATION_TAG = ord("R")
 _INSERT_TAG = ord("I")
 _XLOG_HEADER = struct.Struct(">QQq")
 _SPOOL_RECORD = struct.Struct(">QI")
-_SLOT_NAME = re.compile(r"^[a-z0-9_]{1,63}$")
 _NO_TOAST: frozenset[str] = frozenset()
 _new_event = tuple.__new__
 _new_lsn = int.__new__  # LSN(x) without the range check: the server's positions are valid
@@ -250,7 +256,7 @@ class Stream:
                     "digits and underscores)"
                 )
             slot = f"walex_tmp_{secrets.token_hex(6)}"
-        if not isinstance(slot, str) or not _SLOT_NAME.match(slot):
+        if not isinstance(slot, str) or not SLOT_NAME.match(slot):
             raise ConfigurationError(
                 f"slot name {slot!r} is not valid: use 1 to 63 lower-case letters, "
                 "digits and underscores"
@@ -1190,18 +1196,28 @@ class Stream:
 
     async def _on_relation(self, msg: Relation) -> None:
         oids = [c.type_oid for c in msg.columns]
-        catalog = await self._catalog_for_lookup()
-        try:
-            if self._resolver.unknown(oids):
-                await self._resolver.resolve(catalog, oids)
-            if self._binary_active:
-                self._require_binary_loaders(oids)
-            names = await self._type_names_for(catalog, msg)
-            pkey = await self._primary_key(catalog, msg.oid)
-        except psycopg.Error as exc:
-            raise StreamError(
-                f"could not read the catalog for {msg.namespace}.{msg.name}: {exc}"
-            ) from exc
+        for attempt in (1, 2):
+            catalog = await self._catalog_for_lookup()
+            try:
+                if self._resolver.unknown(oids):
+                    await self._resolver.resolve(catalog, oids)
+                names = await self._type_names_for(catalog, msg)
+                pkey = await self._primary_key(catalog, msg.oid)
+                break
+            except psycopg.OperationalError as exc:
+                # The SQL connection went away while idle (a timeout, a
+                # proxy, pg_terminate_backend): open a new one, once.
+                await self._drop_catalog()
+                if attempt == 2:
+                    raise StreamError(
+                        f"could not read the catalog for {msg.namespace}.{msg.name}: {exc}"
+                    ) from exc
+            except psycopg.Error as exc:
+                raise StreamError(
+                    f"could not read the catalog for {msg.namespace}.{msg.name}: {exc}"
+                ) from exc
+        if self._binary_active:
+            self._require_binary_loaders(oids)
         database = self._facts.database if self._facts is not None else ""
         source = make_source(msg, database, names, pkey)
         self._relations[msg.oid] = RelationCodec(msg, source, self._adapters)
