@@ -17,10 +17,12 @@ def test_exported_members() -> None:
         "Source",
         "Stream",
         "Transaction",
+        "WalEx",
         "WalexError",
         "__version__",
         "connect",
         "errors",
+        "run",
     }
     for name in exported:
         assert hasattr(walex, name), name

@@ -15,6 +15,7 @@ Example::
 """
 
 from . import errors
+from .app import WalEx, run
 from .errors import WalexError
 from .events import Batch, Event, Source, Transaction
 from .lsn import LSN
@@ -27,10 +28,12 @@ __all__ = [
     "Source",
     "Stream",
     "Transaction",
+    "WalEx",
     "WalexError",
     "__version__",
     "connect",
     "errors",
+    "run",
 ]
 
 __version__ = "0.1.0"

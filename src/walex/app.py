@@ -1,0 +1,1259 @@
+"""The WalEx app: handlers and destinations on the changes of a database.
+
+:class:`WalEx` reads one replication slot with the engine
+(:func:`walex.connect`) and hands each batch to the handlers and
+destinations registered for its tables, in commit order::
+
+    app = WalEx(name="shop", url="postgresql://postgres@localhost/shop",
+                publication="events", subscriptions=["user_account", "todo"])
+
+    @app.on_insert("user_account")
+    async def welcome(events: list[Event]) -> None:
+        for event in events:
+            await send_welcome_email(event.new_record["email"])
+
+    app.run()
+
+The delivery guarantee holds through the app: a transaction is confirmed to
+Postgres only once every handler, every ``functions`` pipeline and every
+destination that it concerns has finished (or the error policy has disposed
+of a failure: skipped, or written to the dead-letter sink). A handler that
+keeps failing under the ``"stop"`` policy stops the app with
+:class:`~walex.errors.HandlerError`, and the transaction is delivered again
+after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import os
+import signal
+import time
+import typing
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+
+from . import config as _config
+from .errors import ConfigurationError, HandlerError, WalexError
+from .events import Batch, Event
+from .filters import Relation, parse_relation, unwatched_fields, watched_record
+from .stream import Stream, connect
+from .wire import to_dict
+
+__all__ = [
+    "DeadLetter",
+    "Destination",
+    "HandlerType",
+    "Observer",
+    "WalEx",
+    "run",
+    "serve",
+]
+
+logger = logging.getLogger(__name__)
+
+HandlerType = Literal["insert", "update", "delete", "truncate", "event", "message"]
+"""What a handler is registered for; ``"event"`` is every table change."""
+
+_TABLE_TYPES = frozenset({"insert", "update", "delete", "truncate"})
+_ALL_TYPES = frozenset({*_TABLE_TYPES, "message"})
+F = TypeVar("F", bound=Callable[..., Any])
+_FILTER_KEYS = frozenset(
+    {"unwatched_fields", "unwatched_records", "where", "columns", "exclude_columns"}
+)
+
+
+@runtime_checkable
+class Destination(Protocol):
+    """Where an app can deliver changes (see :mod:`walex.destinations`).
+
+    Attributes:
+        name: names the destination in logs, metrics and dead letters.
+    """
+
+    name: str
+
+    async def start(self) -> None:
+        """Connect; called once before the first :meth:`send`."""
+
+    async def send(self, events: Sequence[Event]) -> None:
+        """Deliver *events*, in order; return only once they are durably accepted.
+
+        Raises:
+            Exception: on failure; the app retries and then applies its policy.
+        """
+
+    async def close(self) -> None:
+        """Flush and disconnect; called once when the app stops."""
+
+
+class Observer(Protocol):
+    """What an app tells observers (metrics): both methods are optional.
+
+    ``on_batch(batch, seconds)`` after each batch is handled;
+    ``on_handler(name, table, event_type, seconds, error)`` after each call
+    of a handler, function or destination (each attempt), with the
+    exception or ``None``; ``track_stream(stream)`` when the app's stream
+    opens and ``untrack_stream(stream)`` when it closes (for lag and health:
+    :class:`walex.metrics.Metrics` has all four). They run on the event
+    loop: keep them quick. An exception in an observer is logged and
+    otherwise ignored.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """Events that a handler (or destination) could not handle.
+
+    Attributes:
+        app: the app's name.
+        handler: the handler's (or destination's) name.
+        events: the events it failed on, as handed to it.
+        error: the last exception.
+        attempts: how many times it was tried.
+        failed_at: when it gave up (UTC).
+    """
+
+    app: str
+    handler: str
+    events: list[Event]
+    error: BaseException
+    attempts: int
+    failed_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready form written to a dead-letter file (one line each)."""
+        return {
+            "app": self.app,
+            "handler": self.handler,
+            "error": {"type": type(self.error).__name__, "message": str(self.error)},
+            "attempts": self.attempts,
+            "failed_at": self.failed_at.isoformat(),
+            "events": [to_dict(e) for e in self.events],
+        }
+
+
+class _Abandon(Exception):
+    """A stop arrived while a handler was waiting to retry: confirm nothing."""
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    if inspect.iscoroutinefunction(fn):
+        return True
+    call = getattr(fn, "__call__", None)  # noqa: B004 - an object with async __call__
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
+def _takes_one_event(fn: Callable[..., Any]) -> bool:
+    """Whether the handler's first parameter is annotated ``Event`` (not a list)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if not params:
+        raise ConfigurationError(f"handler {_name_of(fn)} must take one argument: the events")
+    annotation = params[0].annotation
+    if annotation is Event:
+        return True
+    if isinstance(annotation, str):
+        try:
+            hints = typing.get_type_hints(fn)
+        except Exception:
+            return annotation.rsplit(".", 1)[-1] == "Event"
+        return hints.get(params[0].name) is Event
+    return False
+
+
+def _name_of(fn: Any) -> str:
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None) or type(fn).__name__
+    return f"{module}:{qualname}" if module else str(qualname)
+
+
+class _Route:
+    """One handler or destination and what it receives."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        types: frozenset[str],
+        tables: Sequence[Relation],
+        prefix: str | None = None,
+        unwatched_fields: Collection[str] | None = None,
+        unwatched_records: Mapping[str, Any] | None = None,
+        where: Callable[[Event], bool] | None = None,
+        columns: Collection[str] | None = None,
+        exclude_columns: Collection[str] | None = None,
+        functions: Sequence[Callable[[Event], Any]] = (),
+        on_error: str | None = None,
+        retries: int | None = None,
+        handler: Callable[..., Any] | None = None,
+        destination: Destination | None = None,
+    ) -> None:
+        self.name = name
+        self.types = types
+        self.tables = tuple(tables)
+        self.any_table = any(t.schema is None and t.table is None for t in self.tables)
+        self.prefix = prefix
+        self.unwatched_fields = frozenset(unwatched_fields) if unwatched_fields else None
+        self.unwatched_records = dict(unwatched_records) if unwatched_records else None
+        self.where = where
+        self.columns = tuple(columns) if columns is not None else None
+        self.exclude_columns = frozenset(exclude_columns) if exclude_columns else None
+        self.functions = tuple(functions)
+        self.on_error = on_error
+        self.retries = retries
+        self.handler = handler
+        self.destination = destination
+        self.per_event = handler is not None and _takes_one_event(handler)
+        self.is_async = handler is not None and _is_async(handler)
+        self.label = (
+            "message"
+            if types == {"message"}
+            else (next(iter(types)) if len(types) == 1 else "event")
+        )
+        self.table_label = ",".join(str(t) for t in self.tables) if self.tables else "*"
+        self._table_cache: dict[tuple[str, str], bool] = {}
+
+    def _table_ok(self, schema: str, table: str) -> bool:
+        key = (schema, table)
+        hit = self._table_cache.get(key)
+        if hit is None:
+            hit = self._table_cache[key] = any(
+                (t.schema is None or t.schema == schema) and (t.table is None or t.table == table)
+                for t in self.tables
+            )
+        return hit
+
+    def select(self, events: Iterable[Event]) -> list[Event]:
+        out: list[Event] = []
+        types = self.types
+        for e in events:
+            if e.type not in types:
+                continue
+            src = e.source
+            if src is None:  # a logical message
+                if self.destination is not None:
+                    if not self.any_table:
+                        continue
+                elif self.prefix is not None and e.prefix != self.prefix:
+                    continue
+            elif not self._table_ok(src.schema, src.table):
+                continue
+            if self.unwatched_fields is not None and not unwatched_fields(e, self.unwatched_fields):
+                continue
+            if self.unwatched_records is not None and not watched_record(e, self.unwatched_records):
+                continue
+            if self.where is not None and not self.where(e):
+                continue
+            out.append(self._shape(e) if src is not None else e)
+        return out
+
+    def _shape(self, e: Event) -> Event:
+        if self.columns is None and self.exclude_columns is None:
+            return e
+        return e._replace(
+            new_record=self._keep(e.new_record),
+            old_record=self._keep(e.old_record),
+            unchanged_toast=frozenset(self._keep(dict.fromkeys(e.unchanged_toast)) or ()),
+        )
+
+    def _keep(self, record: dict[str, Any] | None) -> dict[str, Any] | None:
+        if record is None:
+            return None
+        if self.columns is not None:
+            record = {k: record[k] for k in self.columns if k in record}
+        if self.exclude_columns is not None:
+            record = {k: v for k, v in record.items() if k not in self.exclude_columns}
+        return record
+
+
+async def _call(fn: Callable[..., Any], is_async: bool, arg: Any) -> None:
+    if is_async:
+        await fn(arg)
+        return
+    # Sync code runs in a worker thread so that it cannot stall the stream.
+    result = await asyncio.to_thread(fn, arg)
+    if inspect.isawaitable(result):
+        await result
+
+
+class WalEx:
+    """An app: handlers and destinations on the changes of one database.
+
+    Args:
+        name: names the app in logs; the default slot is ``walex_<name>``.
+        url: a libpq connection string or URL; the parts below, if given,
+            override what it says.
+        hostname, username, password, port, database: the connection by parts.
+        sslmode, sslrootcert, sslcert, sslkey: TLS, as in libpq (which
+            also reads ``PGSSLMODE`` and friends).
+        publication: the publication to read, or a list of them.
+        subscriptions: the tables to deliver to handlers: ``["user_account",
+            "todo"]`` (bare names are in ``public``), ``"app.*"``, or ``["*"]``
+            (default) for every table of the publication.
+        slot_name: the replication slot; default ``walex_<name>``.
+        durable_slot: ``True`` (default): a permanent slot, so that a
+            restart resumes after the last handled transaction. ``False``: a
+            temporary slot; changes made while the app is down are lost.
+        retries: retries after a failed call (default 3).
+        retry_delay: the first pause between attempts (0.5 s), doubling.
+        max_retry_delay: the longest pause (30 s).
+        on_error: when retries are used up: ``"stop"`` (default),
+            ``"skip"`` or ``"dead_letter"``.
+        dead_letter: for ``"dead_letter"``: a callable taking a
+            :class:`DeadLetter` (sync or async), or a file path to append
+            JSON lines to.
+        stop_timeout: how long a graceful stop waits for running handlers
+            before cancelling them (default: as long as they take).
+        observers: objects told about each batch and handler call
+            (:class:`Observer`).
+        message_middleware: WalEx's hook: called (and awaited, if it returns
+            an awaitable) with each batch before any handler sees it. The
+            stream waits for it, so it can hold back the flow. If it raises,
+            the app stops with :class:`~walex.errors.HandlerError`.
+        **options: the engine's options (``binary``, ``streaming``,
+            ``two_phase``, ``max_batch_events``, ``start_lsn``, ...; see
+            :class:`walex.Stream`).
+
+    Raises:
+        ConfigurationError: a setting is wrong (before anything connects).
+    """
+
+    def __init__(
+        self,
+        name: str = "walex",
+        *,
+        observers: Iterable[object] = (),
+        message_middleware: Callable[[Batch], Any] | None = None,
+        **settings: Any,
+    ) -> None:
+        self._init(_config.validate({"name": name, **settings}), observers, message_middleware)
+
+    def _init(
+        self,
+        settings: _config.Settings,
+        observers: Iterable[object],
+        message_middleware: Callable[[Batch], Any] | None = None,
+    ) -> None:
+        if message_middleware is not None and not callable(message_middleware):
+            raise ConfigurationError("message_middleware must be a callable taking a Batch")
+        self._middleware = message_middleware
+        self.settings = settings
+        self.name = settings.name
+        self._subscriptions = [parse_relation(p) for p in settings.subscriptions]
+        self._sub_cache: dict[tuple[str, str], bool] = {}
+        self._routes: list[_Route] = []
+        self._destinations: list[Destination] = []
+        self._observers = list(observers)
+        self._stream: Stream | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping: asyncio.Event | None = None
+        self._reading = False
+        self._stop_cancel = False
+        self.error: BaseException | None = None
+        self._make_stream()  # the engine checks its own options now, not at start
+
+    # -- construction from settings ------------------------------------------
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> WalEx:
+        """An app from ``WALEX_*`` environment variables (keyword arguments win).
+
+        Example::
+
+            # WALEX_URL=postgresql://... WALEX_PUBLICATION=events
+            app = WalEx.from_env(name="shop")
+        """
+        env = _config.from_env(environ)
+        observers = overrides.pop("observers", ())
+        middleware = overrides.pop("message_middleware", None)
+        values: dict[str, Any] = {**env, **overrides}
+        text = frozenset(env) - frozenset(overrides)
+        app = cls.__new__(cls)
+        app._init(_config.validate(values, from_text=text), observers, middleware)
+        return app
+
+    @classmethod
+    def from_config(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        environ: Mapping[str, str] | None = None,
+        **overrides: Any,
+    ) -> WalEx:
+        """An app from a TOML file, with its handlers and destinations.
+
+        The file's settings are overridden by ``WALEX_*`` environment
+        variables, and those by keyword arguments. Handlers and functions
+        are named ``"module:function"``; see ``docs/configuration.md``.
+
+        Raises:
+            ConfigurationError: naming the key that is wrong.
+        """
+        file = _config.read_file(path)
+        env = _config.from_env(environ)
+        observers = overrides.pop("observers", ())
+        middleware = overrides.pop("message_middleware", None)
+        values = {**file.settings, **env, **overrides}
+        text = frozenset(env) - frozenset(overrides)
+        app = cls.__new__(cls)
+        app._init(_config.validate(values, from_text=text), observers, middleware)
+        for i, section in enumerate(file.handlers):
+            app._handler_from_config(section, f"{file.path}: handlers[{i}]")
+        for i, section in enumerate(file.destinations):
+            app._destination_from_config(section, f"{file.path}: destinations[{i}]")
+        return app
+
+    def _handler_from_config(self, section: Mapping[str, Any], where: str) -> None:
+        known = {
+            "handler",
+            "table",
+            "type",
+            "prefix",
+            "functions",
+            "on_error",
+            "retries",
+            *_FILTER_KEYS,
+        }
+        for key in section:
+            if key not in known:
+                raise ConfigurationError(f"{where}: unknown key {key!r}; accepted: {sorted(known)}")
+        if "handler" not in section:
+            raise ConfigurationError(f"{where}: handler is required ('module:function')")
+        fn = _config.import_object(section["handler"], f"{where}.handler")
+        type_ = section.get("type", "event")
+        if type_ not in (*_TABLE_TYPES, "event", "message"):
+            raise ConfigurationError(
+                f"{where}.type must be insert, update, delete, truncate, event or message, "
+                f"not {type_!r}"
+            )
+        where_fn = section.get("where")
+        kwargs: dict[str, Any] = {k: section[k] for k in _FILTER_KEYS if k in section}
+        if where_fn is not None:
+            kwargs["where"] = _config.import_object(where_fn, f"{where}.where")
+        functions = section.get("functions", [])
+        if not isinstance(functions, list):
+            raise ConfigurationError(f"{where}.functions must be a list of 'module:function'")
+        kwargs["functions"] = [
+            _config.import_object(f, f"{where}.functions[{j}]") for j, f in enumerate(functions)
+        ]
+        self.add_handler(
+            fn,
+            type_,
+            section.get("table", "*"),
+            prefix=section.get("prefix"),
+            on_error=section.get("on_error"),
+            retries=section.get("retries"),
+            **kwargs,
+        )
+
+    def _destination_from_config(self, section: Mapping[str, Any], where: str) -> None:
+        try:
+            from . import destinations
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"{where}: destinations are not available in this walex install ({exc})"
+            ) from exc
+        factory = getattr(destinations, "from_config", None)
+        if factory is None:
+            raise ConfigurationError(f"{where}: walex.destinations has no from_config()")
+        routing = {"tables", "types", "on_error", "retries"}
+        dest = factory({k: v for k, v in section.items() if k not in routing})
+        self.add_destination(
+            dest,
+            tables=section.get("tables", ["*"]),
+            types=section.get("types"),
+            on_error=section.get("on_error"),
+            retries=section.get("retries"),
+        )
+
+    def __repr__(self) -> str:
+        s = self.settings
+        return (
+            f"WalEx(name={s.name!r}, conninfo={s.safe_conninfo!r}, "
+            f"publication={list(s.publications)!r}, slot_name={s.slot_name!r}, "
+            f"durable_slot={s.durable_slot!r}, handlers={len(self._routes)})"
+        )
+
+    def _make_stream(self) -> Stream:
+        s = self.settings
+        return connect(
+            s.conninfo,
+            publication=list(s.publications),
+            slot=s.slot_name,
+            durable=s.durable_slot,
+            **s.engine,
+        )
+
+    # -- registration ------------------------------------------------------
+
+    def add_handler(
+        self,
+        handler: Callable[..., Any],
+        type: HandlerType,
+        table: str | Sequence[str] = "*",
+        filters: Mapping[str, Any] | None = None,
+        *,
+        prefix: str | None = None,
+        unwatched_fields: Collection[str] | None = None,
+        unwatched_records: Mapping[str, Any] | None = None,
+        where: Callable[[Event], bool] | None = None,
+        columns: Collection[str] | None = None,
+        exclude_columns: Collection[str] | None = None,
+        functions: Sequence[Callable[[Event], Any]] = (),
+        on_error: str | None = None,
+        retries: int | None = None,
+        name: str | None = None,
+    ) -> None:
+        """Register *handler* (what the decorators do).
+
+        Args:
+            handler: a function (sync or async) taking ``list[Event]``, or
+                one ``Event`` if its first parameter is annotated ``Event``.
+            type: ``"insert"``, ``"update"``, ``"delete"``, ``"truncate"``,
+                ``"event"`` (all four) or ``"message"``.
+            table: a table pattern (``"todo"``, ``"app.todo"``, ``"app.*"``,
+                ``"*"``) or a list of them.
+            filters: WalEx's filter map, the same as the keywords below.
+            prefix: for messages, the prefix to match (``None``: every message).
+            unwatched_fields: drop updates that change only these columns.
+            unwatched_records: drop events whose record has all these values.
+            where: keep only events for which this returns true.
+            columns: hand over only these columns of each record.
+            exclude_columns: hand over every column but these.
+            functions: run on each event after the handler, in order.
+            on_error: this handler's policy, instead of the app's.
+            retries: this handler's retries, instead of the app's.
+            name: names the handler in logs (default ``module:function``).
+
+        Raises:
+            ConfigurationError: a wrong argument or a table the app does not subscribe to.
+        """
+        if not callable(handler):
+            raise ConfigurationError(f"handler must be callable, not {handler!r}")
+        label = name or _name_of(handler)
+        if type == "event":
+            types = _TABLE_TYPES
+        elif type in _ALL_TYPES:
+            types = frozenset({type})
+        else:
+            raise ConfigurationError(
+                f"type must be insert, update, delete, truncate, event or message, not {type!r}"
+            )
+        opts: dict[str, Any] = dict(filters or {})
+        for key in opts:
+            if key not in _FILTER_KEYS:
+                raise ConfigurationError(
+                    f"{label}: unknown filter {key!r}; accepted: {sorted(_FILTER_KEYS)}"
+                )
+        opts.setdefault("unwatched_fields", unwatched_fields)
+        opts.setdefault("unwatched_records", unwatched_records)
+        opts.setdefault("where", where)
+        opts.setdefault("columns", columns)
+        opts.setdefault("exclude_columns", exclude_columns)
+        self._check_filters(label, opts)
+        for f in functions:
+            if not callable(f):
+                raise ConfigurationError(f"{label}: functions must be callables, not {f!r}")
+        tables = [] if type == "message" else self._tables(label, table)
+        self._routes.append(
+            _Route(
+                name=label,
+                types=types,
+                tables=tables,
+                prefix=prefix,
+                functions=functions,
+                on_error=self._policy(label, on_error),
+                retries=self._retries(label, retries),
+                handler=handler,
+                **opts,
+            )
+        )
+
+    def _check_filters(self, label: str, opts: Mapping[str, Any]) -> None:
+        for key in ("unwatched_fields", "columns", "exclude_columns"):
+            value = opts.get(key)
+            if value is not None and (
+                isinstance(value, str) or not all(isinstance(c, str) for c in value)
+            ):
+                raise ConfigurationError(f"{label}: {key} must be a collection of column names")
+        records = opts.get("unwatched_records")
+        if records is not None and not isinstance(records, Mapping):
+            raise ConfigurationError(f"{label}: unwatched_records must be a mapping column → value")
+        where = opts.get("where")
+        if where is not None and not callable(where):
+            raise ConfigurationError(f"{label}: where must be a callable taking an Event")
+        if opts.get("columns") is not None and opts.get("exclude_columns") is not None:
+            raise ConfigurationError(f"{label}: give columns or exclude_columns, not both")
+
+    def _tables(self, label: str, table: str | Sequence[str]) -> list[Relation]:
+        patterns = [table] if isinstance(table, str) else list(table)
+        if not patterns:
+            raise ConfigurationError(f"{label}: table must name at least one table pattern")
+        out = []
+        for pattern in patterns:
+            try:
+                rel = parse_relation(pattern)
+            except (ValueError, TypeError) as exc:
+                raise ConfigurationError(f"{label}: table: {exc}") from None
+            if (
+                rel.schema is not None
+                and rel.table is not None
+                and not self._subscribed(rel.schema, rel.table)
+            ):
+                subs = ", ".join(self.settings.subscriptions)
+                raise ConfigurationError(
+                    f"{label} watches {rel}, which is not in subscriptions ({subs}): "
+                    "add it there, or it never fires"
+                )
+            out.append(rel)
+        return out
+
+    def _policy(self, label: str, on_error: str | None) -> str | None:
+        if on_error is not None and on_error not in _config.POLICIES:
+            raise ConfigurationError(
+                f"{label}: on_error must be 'stop', 'skip' or 'dead_letter', not {on_error!r}"
+            )
+        if on_error == "dead_letter" and self.settings.dead_letter is None:
+            raise ConfigurationError(
+                f"{label}: on_error='dead_letter' needs the app's dead_letter setting "
+                "(a callable or a JSON-lines file path)"
+            )
+        return on_error
+
+    def _retries(self, label: str, retries: int | None) -> int | None:
+        if retries is not None and (
+            not isinstance(retries, int) or isinstance(retries, bool) or retries < 0
+        ):
+            raise ConfigurationError(f"{label}: retries must be a whole number, 0 or more")
+        return retries
+
+    def _decorator(
+        self, type: HandlerType, table: str | Sequence[str], filters: Any, kwargs: Any
+    ) -> Callable[[F], F]:
+        def register(fn: F) -> F:
+            self.add_handler(fn, type, table, filters, **kwargs)
+            return fn
+
+        return register
+
+    def on_insert(
+        self, table: str | Sequence[str] = "*", filters: Mapping[str, Any] | None = None, **kw: Any
+    ) -> Callable[[F], F]:
+        """Register a handler for inserts into *table* (see :meth:`add_handler`).
+
+        Example::
+
+            @app.on_insert("user_account")
+            async def welcome(events: list[Event]) -> None: ...
+        """
+        return self._decorator("insert", table, filters, kw)
+
+    def on_update(
+        self, table: str | Sequence[str] = "*", filters: Mapping[str, Any] | None = None, **kw: Any
+    ) -> Callable[[F], F]:
+        """Register a handler for updates of *table* (see :meth:`add_handler`).
+
+        Example::
+
+            @app.on_update("todo", unwatched_fields={"updated_at"})
+            def changed(event: Event) -> None: ...   # one event at a time, in a thread
+        """
+        return self._decorator("update", table, filters, kw)
+
+    def on_delete(
+        self, table: str | Sequence[str] = "*", filters: Mapping[str, Any] | None = None, **kw: Any
+    ) -> Callable[[F], F]:
+        """Register a handler for deletes from *table* (see :meth:`add_handler`)."""
+        return self._decorator("delete", table, filters, kw)
+
+    def on_truncate(
+        self, table: str | Sequence[str] = "*", filters: Mapping[str, Any] | None = None, **kw: Any
+    ) -> Callable[[F], F]:
+        """Register a handler for TRUNCATE of *table* (one event per table truncated)."""
+        return self._decorator("truncate", table, filters, kw)
+
+    def on_event(
+        self, table: str | Sequence[str] = "*", filters: Mapping[str, Any] | None = None, **kw: Any
+    ) -> Callable[[F], F]:
+        """Register a handler for every change of *table*: insert, update, delete, truncate.
+
+        With ``"*"`` (or ``"app.*"``) the handler gets every matching event of
+        a batch in one list, across tables, in commit order.
+        """
+        return self._decorator("event", table, filters, kw)
+
+    def on_message(self, prefix: str | None = None, **kw: Any) -> Callable[[F], F]:
+        """Register a handler for logical messages (``pg_logical_emit_message``).
+
+        Args:
+            prefix: the message prefix to match exactly; ``None`` for all.
+            **kw: ``functions``, ``where``, ``on_error``, ``retries``, ``name``.
+
+        Example::
+
+            @app.on_message(prefix="outbox")
+            async def publish(events: list[Event]) -> None: ...
+        """
+
+        def register(fn: F) -> F:
+            self.add_handler(fn, "message", prefix=prefix, **kw)
+            return fn
+
+        return register
+
+    def add_destination(
+        self,
+        destination: Destination,
+        *,
+        tables: str | Sequence[str] = ("*",),
+        types: Collection[str] | None = None,
+        on_error: str | None = None,
+        retries: int | None = None,
+    ) -> None:
+        """Deliver the matching events of each batch to *destination*, in order.
+
+        Args:
+            destination: an object with ``name``, ``start``, ``send``, ``close``
+                (:class:`Destination`).
+            tables: table patterns (default every subscribed table). Logical
+                messages go to destinations whose tables include ``"*"``.
+            types: event types to send (``"insert"``, ..., ``"message"``);
+                ``None`` for all.
+            on_error: the policy for this destination, instead of the app's.
+            retries: retries for this destination, instead of the app's.
+        """
+        for attr in ("start", "send", "close"):
+            if not callable(getattr(destination, attr, None)):
+                raise ConfigurationError(
+                    f"a destination needs async start(), send(events) and close(); "
+                    f"{destination!r} has no {attr}()"
+                )
+        label = str(getattr(destination, "name", type(destination).__name__))
+        if types is None:
+            kinds = _ALL_TYPES
+        else:
+            kinds = frozenset(types)
+            if isinstance(types, str) or not kinds <= _ALL_TYPES:
+                raise ConfigurationError(
+                    f"destination {label}: types must be a list of {sorted(_ALL_TYPES)}"
+                )
+        self._routes.append(
+            _Route(
+                name=label,
+                types=kinds,
+                tables=self._tables(f"destination {label}", tables),
+                on_error=self._policy(f"destination {label}", on_error),
+                retries=self._retries(f"destination {label}", retries),
+                destination=destination,
+            )
+        )
+        self._destinations.append(destination)
+
+    # -- dispatch --------------------------------------------------------------
+
+    def _subscribed(self, schema: str, table: str) -> bool:
+        key = (schema, table)
+        hit = self._sub_cache.get(key)
+        if hit is None:
+            hit = self._sub_cache[key] = any(
+                (s.schema is None or s.schema == schema) and (s.table is None or s.table == table)
+                for s in self._subscriptions
+            )
+        return hit
+
+    async def dispatch(self, batch: Batch) -> None:
+        """Run every handler and destination concerned by *batch*; return when done.
+
+        This is what the app does with each batch the stream yields; it is
+        public for :mod:`walex.testing`. Handlers run one after another, in
+        the order they were registered, then the destinations.
+
+        Raises:
+            HandlerError: a handler kept failing under the ``"stop"`` policy.
+        """
+        started = time.perf_counter()
+        if self._middleware is not None:
+            try:
+                result = self._middleware(batch)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                raise HandlerError(
+                    f"message_middleware failed on the batch of transaction {batch.xid} "
+                    f"(commit {batch.commit_lsn}): {type(exc).__name__}: {exc}; the app stops "
+                    "and the transaction is not confirmed"
+                ) from exc
+        events = batch.events
+        subscribed = [
+            e
+            for e in events
+            if e.source is None or self._subscribed(e.source.schema, e.source.table)
+        ]
+        if subscribed:
+            for route in self._routes:
+                try:
+                    selected = route.select(subscribed)
+                except Exception as exc:
+                    # A `where` predicate that raises: the route's policy decides.
+                    await self._give_up(route, f"{route.name} (where)", subscribed, exc, 1)
+                    continue
+                if selected:
+                    await self._deliver(route, selected)
+        if self._observers:
+            elapsed = time.perf_counter() - started
+            for obs in self._observers:
+                method = getattr(obs, "on_batch", None)
+                if method is not None:
+                    try:
+                        method(batch, elapsed)
+                    except Exception:
+                        logger.exception("observer %r failed in on_batch", obs)
+
+    async def _deliver(self, route: _Route, events: list[Event]) -> None:
+        dest = route.destination
+        if dest is not None:
+            await self._attempt(route, route.name, dest.send, True, events, events)
+            return
+        handler = route.handler
+        assert handler is not None
+        if route.per_event:
+            for event in events:
+                await self._attempt(route, route.name, handler, route.is_async, event, [event])
+                await self._pipeline(route, [event])
+        else:
+            await self._attempt(route, route.name, handler, route.is_async, list(events), events)
+            await self._pipeline(route, events)
+
+    async def _pipeline(self, route: _Route, events: list[Event]) -> None:
+        for fn in route.functions:
+            label = f"{route.name} → {_name_of(fn)}"
+            is_async = _is_async(fn)
+            for event in events:
+                await self._attempt(route, label, fn, is_async, event, [event])
+
+    async def _attempt(
+        self,
+        route: _Route,
+        label: str,
+        fn: Callable[..., Any],
+        is_async: bool,
+        arg: Any,
+        events: list[Event],
+    ) -> None:
+        s = self.settings
+        retries = s.retries if route.retries is None else route.retries
+        attempt = 0
+        while True:
+            attempt += 1
+            started = time.perf_counter()
+            try:
+                await _call(fn, is_async, arg)
+            except Exception as exc:
+                self._observe(label, route, events, time.perf_counter() - started, exc)
+                if attempt > retries:
+                    await self._give_up(route, label, events, exc, attempt)
+                    return
+                delay = min(s.retry_delay * 2 ** (attempt - 1), s.max_retry_delay)
+                logger.warning(
+                    "%s: %s failed on %s (attempt %d of %d: %s: %s); retrying in %.2fs",
+                    self.name,
+                    label,
+                    _describe(events),
+                    attempt,
+                    retries + 1,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
+                await self._pause(delay)
+            else:
+                if self._observers:
+                    self._observe(label, route, events, time.perf_counter() - started, None)
+                return
+
+    async def _pause(self, delay: float) -> None:
+        stopping = self._stopping
+        if stopping is None:
+            await asyncio.sleep(delay)
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await stopping.wait()
+        if stopping.is_set():
+            raise _Abandon
+
+    def _observe(
+        self,
+        label: str,
+        route: _Route,
+        events: list[Event],
+        seconds: float,
+        error: Exception | None,
+    ) -> None:
+        tables = {e.source.name for e in events if e.source is not None}
+        table = tables.pop() if len(tables) == 1 else route.table_label
+        for obs in self._observers:
+            method = getattr(obs, "on_handler", None)
+            if method is not None:
+                try:
+                    method(label, table, route.label, seconds, error)
+                except Exception:
+                    logger.exception("observer %r failed in on_handler", obs)
+
+    async def _give_up(
+        self, route: _Route, label: str, events: list[Event], exc: Exception, attempts: int
+    ) -> None:
+        policy = route.on_error or self.settings.on_error
+        what = f"{label} failed on {_describe(events)} after {attempts} attempt(s)"
+        if policy == "skip":
+            logger.error("%s: %s; skipped (on_error='skip')", self.name, what, exc_info=exc)
+            return
+        if policy == "dead_letter":
+            letter = DeadLetter(self.name, label, list(events), exc, attempts)
+            try:
+                await self._write_dead_letter(letter)
+            except Exception as dl_exc:
+                raise HandlerError(
+                    f"{what}: {type(exc).__name__}: {exc}; and the dead letter could not be "
+                    f"written ({type(dl_exc).__name__}: {dl_exc}); nothing after it is confirmed"
+                ) from dl_exc
+            logger.error("%s: %s; sent to the dead letters", self.name, what, exc_info=exc)
+            return
+        raise HandlerError(
+            f"{what}: {type(exc).__name__}: {exc}. The app stops; this transaction is not "
+            "confirmed and is delivered again when the app restarts"
+            + ("" if self.settings.durable_slot else " (with a durable slot only)")
+        ) from exc
+
+    async def _write_dead_letter(self, letter: DeadLetter) -> None:
+        sink = self.settings.dead_letter
+        if sink is None:  # pragma: no cover - checked at registration
+            raise ConfigurationError("no dead_letter configured")
+        if isinstance(sink, Path):
+            line = json.dumps(letter.to_dict(), ensure_ascii=False, separators=(",", ":"))
+            await asyncio.to_thread(_append_line, sink, line)
+            return
+        await _call(sink, _is_async(sink), letter)  # a sync sink runs in a worker thread
+
+    # -- running ---------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """Whether the app is streaming."""
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        """Open the slot and start handling changes in the background.
+
+        Returns once the stream is open: changes committed after this are
+        delivered (and, with a durable slot, those committed while the app
+        was down). Use :meth:`stop` or :meth:`wait` afterwards.
+
+        Raises:
+            WalexError: the server is not ready, the slot is in use, ... (see
+                :mod:`walex.errors`); nothing keeps running.
+        """
+        if self._task is not None and not self._task.done():
+            raise RuntimeError(f"app {self.name!r} is already running")
+        self.error = None
+        self._stopping = asyncio.Event()
+        self._stop_cancel = False
+        stream = self._make_stream()
+        started: list[Destination] = []
+        try:
+            for dest in self._destinations:
+                await dest.start()
+                started.append(dest)
+            await stream.open()
+        except BaseException:
+            await stream.aclose()
+            await self._close_destinations(started)
+            raise
+        self._stream = stream
+        self._tell("track_stream", stream)
+        logger.info(
+            "%s: streaming from slot %r (%s), %d handler(s)",
+            self.name,
+            self.settings.slot_name,
+            "durable" if self.settings.durable_slot else "temporary",
+            len(self._routes),
+        )
+        self._task = asyncio.get_running_loop().create_task(
+            self._serve(stream), name=f"walex:{self.name}"
+        )
+
+    async def _serve(self, stream: Stream) -> None:
+        stopping = self._stopping
+        assert stopping is not None
+        try:
+            try:
+                while not stopping.is_set():
+                    self._reading = True
+                    try:
+                        batch = await stream.__anext__()
+                    finally:
+                        self._reading = False
+                    await self.dispatch(batch)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not self._stop_cancel or task is None:
+                    raise
+                # Our own stop interrupted a wait for the next batch: the
+                # previous batch was already marked handled, nothing is lost.
+                task.uncancel()
+            except StopAsyncIteration:
+                pass
+        except _Abandon:
+            logger.warning(
+                "%s: stopped while a handler was waiting to retry; that transaction is not "
+                "confirmed and comes again on restart",
+                self.name,
+            )
+            await stream.__aexit__(_Abandon, None, None)
+        except asyncio.CancelledError:
+            logger.warning(
+                "%s: forced stop; the transaction being handled is not confirmed", self.name
+            )
+            await asyncio.shield(stream.__aexit__(asyncio.CancelledError, None, None))
+            raise
+        except BaseException as exc:
+            self.error = exc
+            if isinstance(exc, WalexError):
+                logger.error("%s: stopped: %s", self.name, exc)
+            else:
+                logger.error("%s: stopped by an unexpected error", self.name, exc_info=exc)
+            await stream.__aexit__(type(exc), exc, exc.__traceback__)
+        else:
+            # A clean end: what was handled (the last batch too) is confirmed.
+            await stream.__aexit__(None, None, None)
+        finally:
+            await self._close_destinations(self._destinations)
+            self._tell("untrack_stream", stream)
+            self._stream = None
+            logger.info("%s: stopped", self.name)
+
+    def _tell(self, method: str, stream: Stream) -> None:
+        for obs in self._observers:
+            hook = getattr(obs, method, None)
+            if hook is not None:
+                try:
+                    hook(stream)
+                except Exception:
+                    logger.exception("observer %r failed in %s", obs, method)
+
+    @property
+    def stream(self) -> Stream | None:
+        """The engine's stream while the app runs (positions, lag), else ``None``."""
+        return self._stream
+
+    async def _close_destinations(self, destinations: Iterable[Destination]) -> None:
+        for dest in destinations:
+            try:
+                await dest.close()
+            except Exception:
+                logger.exception("%s: closing destination %s failed", self.name, dest.name)
+
+    def request_stop(self) -> None:
+        """Ask the app to stop gracefully, without waiting (safe from a signal handler).
+
+        Running handlers finish; what they handled is confirmed.
+        """
+        if self._stopping is None or self._task is None:
+            return
+        self._stopping.set()
+        if self._reading and not self._task.done():
+            self._stop_cancel = True
+            self._task.cancel()
+
+    def force_stop(self) -> None:
+        """Stop now: cancel running handlers; the transaction in hand is not confirmed."""
+        if self._task is not None and not self._task.done():
+            self._stop_cancel = False
+            if self._stopping is not None:
+                self._stopping.set()
+            self._task.cancel()
+
+    async def stop(self) -> None:
+        """Stop gracefully and wait: running handlers finish, their work is confirmed.
+
+        After ``stop_timeout`` seconds (if set), running handlers are cancelled
+        and their transaction is not confirmed.
+
+        Raises:
+            WalexError: the error that stopped the app before, if one did.
+        """
+        task = self._task
+        if task is None:
+            return
+        self.request_stop()
+        timeout = self.settings.stop_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(task)
+        except TimeoutError:
+            logger.warning("%s: handlers still running after %ss; cancelling", self.name, timeout)
+            self.force_stop()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        self._raise_error()
+
+    async def wait(self) -> None:
+        """Wait until the app stops; raise the error that stopped it, if any."""
+        task = self._task
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(task)
+        self._raise_error()
+
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    async def __aenter__(self) -> WalEx:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            await self.stop()
+            return
+        try:
+            await self.stop()
+        except WalexError as app_error:
+            # Do not hide the exception of the `async with` body.
+            logger.error("%s: also stopped with an error: %s", self.name, app_error)
+
+    def run(self) -> None:
+        """Run until SIGINT or SIGTERM; then stop gracefully and return.
+
+        Raises:
+            WalexError: what stopped the app, if it did not stop by a signal.
+        """
+        run(self)
+
+
+def _append_line(path: Path, line: str) -> None:
+    # Durable before the transaction is confirmed: fsync, not just write.
+    with path.open("a", encoding="utf-8") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _describe(events: Sequence[Event]) -> str:
+    if not events:
+        return "no events"
+    first = events[0]
+    where = first.source.name if first.source is not None else f"message {first.prefix!r}"
+    ids = ", ".join(e.id for e in events[:3]) + (", ..." if len(events) > 3 else "")
+    return f"{len(events)} {first.type} event(s) of {where} [{ids}]"
+
+
+async def serve(*apps: WalEx, stop_all_on_error: bool = False, signals: bool = True) -> None:
+    """Run *apps* until SIGINT/SIGTERM (or until they have all stopped).
+
+    Each app has its own slot and stream. One app that fails does not stop
+    the others unless *stop_all_on_error* is true. A first signal stops every
+    app gracefully; a second one cancels running handlers.
+
+    Args:
+        apps: the apps to run.
+        stop_all_on_error: stop every app as soon as one fails.
+        signals: install SIGINT/SIGTERM handlers (main thread only).
+
+    Raises:
+        WalexError: the first error that stopped an app (the others are logged).
+    """
+    if not apps:
+        raise ConfigurationError("walex.run() needs at least one app")
+    if len({a.settings.slot_name for a in apps}) != len(apps):
+        raise ConfigurationError("each app needs its own slot_name (or name)")
+    loop = asyncio.get_running_loop()
+    signalled = 0
+    lives: dict[asyncio.Task[None], WalEx] = {}
+
+    def stop_all(force: bool = False) -> None:
+        for task, app in lives.items():
+            if app.running:
+                app.force_stop() if force else app.request_stop()
+            elif not task.done():
+                task.cancel()  # still starting (or waiting as a standby for the slot)
+
+    def on_signal(signum: int) -> None:
+        nonlocal signalled
+        signalled += 1
+        if signalled == 1:
+            logger.info("%s: stopping gracefully (again to force)", signal.Signals(signum).name)
+            stop_all()
+        else:
+            logger.warning("stopping now: running handlers are cancelled")
+            stop_all(force=True)
+
+    installed: list[int] = []
+    if signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, on_signal, sig)
+                installed.append(sig)
+            except (RuntimeError, ValueError, NotImplementedError):
+                break  # not the main thread: the caller handles signals
+    errors: list[BaseException] = []
+    try:
+        for app in apps:
+            lives[loop.create_task(_live(app), name=f"walex:{app.name}:life")] = app
+        pending = set(lives)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                failure = task.exception() if not task.cancelled() else None
+                if failure is not None:
+                    errors.append(failure)
+                    if stop_all_on_error:
+                        stop_all()
+    finally:
+        for signum in installed:
+            loop.remove_signal_handler(signum)
+        for task, app in lives.items():
+            if not task.done():
+                task.cancel()
+            if app.running:
+                app.force_stop()
+            with contextlib.suppress(BaseException):
+                await task
+    if errors:
+        for extra in errors[1:]:
+            logger.error("also failed: %s", extra)
+        raise errors[0]
+
+
+async def _live(app: WalEx) -> None:
+    """Start *app* and wait until it stops; raise what stopped it."""
+    try:
+        await app.start()
+    except WalexError as exc:
+        logger.error("%s: could not start: %s", app.name, exc)
+        raise
+    await app.wait()
+
+
+def run(*apps: WalEx, stop_all_on_error: bool = False) -> None:
+    """Run *apps* (each with its own slot) until SIGINT or SIGTERM; block till done.
+
+    Example::
+
+        walex.run(orders_app, billing_app)
+
+    Raises:
+        WalexError: the first error that stopped an app.
+    """
+    asyncio.run(serve(*apps, stop_all_on_error=stop_all_on_error))

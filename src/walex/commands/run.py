@@ -1,0 +1,73 @@
+"""``walex run``: run apps until SIGINT or SIGTERM.
+
+::
+
+    walex run myproject.events:app               # a WalEx object in a module
+    walex run myproject.events:app other:app     # several, each with its own slot
+    walex run --config walex.toml                # settings and handlers from a file
+
+Shutdown is graceful: running handlers finish, what they handled is
+confirmed, and the command exits 0. A second signal cancels running
+handlers (their transaction is not confirmed and comes again next time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from typing import Any
+
+from ..app import WalEx, serve
+from ..config import import_object
+from ..errors import ConfigurationError
+
+__all__ = ["register"]
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``run`` subcommand to *subparsers*."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "run",
+        help="run WalEx apps until SIGINT/SIGTERM",
+        description=__doc__.splitlines()[0] if __doc__ else None,
+        epilog="Example: walex run myproject.events:app",
+    )
+    parser.add_argument("apps", nargs="*", metavar="MODULE:APP", help="WalEx objects to run")
+    parser.add_argument(
+        "--config",
+        "-c",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a TOML settings file (repeatable: one app each)",
+    )
+    parser.add_argument(
+        "--stop-all-on-error",
+        action="store_true",
+        help="stop every app when one fails (default: the others go on)",
+    )
+    parser.set_defaults(func=main)
+
+
+def _load(ref: str) -> WalEx:
+    app = import_object(ref, "MODULE:APP")
+    if callable(app) and not isinstance(app, WalEx):
+        app = app()  # a factory: walex run myproject:create_app
+    if not isinstance(app, WalEx):
+        raise ConfigurationError(f"{ref} is a {type(app).__name__}, not a walex.WalEx app")
+    return app
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the apps; 0 after a graceful stop, 1 if an app failed (the error is printed)."""
+    if not args.apps and not args.config:
+        raise ConfigurationError("name an app (walex run module:app) or a --config file")
+    # Let `walex run app:app` find modules in the current directory, as python -m does.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    apps = [_load(ref) for ref in args.apps]
+    apps += [WalEx.from_config(path) for path in args.config]
+    asyncio.run(serve(*apps, stop_all_on_error=args.stop_all_on_error))
+    return 0

@@ -1,0 +1,255 @@
+"""``walex tail`` against a real Postgres, as a user runs it: a subprocess."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO
+
+import psycopg
+import pytest
+
+from tests.fix_pg import Database
+from walex.cli import main
+
+
+class Proc:
+    """A ``walex`` subprocess whose output lines are read with a timeout."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "walex", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "NO_COLOR": "1"},
+        )
+        self.lines: dict[str, queue.Queue[str | None]] = {}
+        self.seen: dict[str, list[str]] = {}
+        self.threads: list[threading.Thread] = []
+        # A thread per pipe: select() cannot see what a text pipe has buffered.
+        for name in ("stdout", "stderr"):
+            q: queue.Queue[str | None] = queue.Queue()
+            self.lines[name] = q
+            self.seen[name] = []
+            pipe = getattr(self.popen, name)
+            thread = threading.Thread(target=self._pump, args=(pipe, q), daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    @staticmethod
+    def _pump(pipe: IO[str], q: queue.Queue[str | None]) -> None:
+        for line in pipe:
+            q.put(line)
+        q.put(None)
+
+    def read_line(self, stream: str = "stdout", timeout: float = 20) -> str:
+        """The next line; fail after *timeout* seconds or at the end of output."""
+        try:
+            line = self.lines[stream].get(timeout=timeout)
+        except queue.Empty:
+            pytest.fail(f"no line on {stream} within {timeout:.0f}s; so far: {self.seen}")
+        if line is None:
+            self.lines[stream].put(None)
+            pytest.fail(f"walex ended (exit {self.popen.wait(10)}); output: {self.seen}")
+        self.seen[stream].append(line)
+        return line
+
+    def rest(self, stream: str, timeout: float = 10) -> str:
+        """What is left of *stream* once the process has ended."""
+        out = []
+        while (line := self.lines[stream].get(timeout=timeout)) is not None:
+            out.append(line)
+        self.lines[stream].put(None)
+        return "".join(out)
+
+    def stop(self) -> int:
+        """Ctrl-C, and the exit code."""
+        self.popen.send_signal(signal.SIGINT)
+        return self.popen.wait(timeout=20)
+
+
+@contextmanager
+def walex_proc(*args: str) -> Iterator[Proc]:
+    """Run ``walex ARGS`` in a subprocess; kill it if the test fails."""
+    proc = Proc(list(args))
+    try:
+        yield proc
+    finally:
+        if proc.popen.poll() is None:
+            proc.popen.kill()
+        proc.popen.wait(timeout=10)
+        for thread in proc.threads:
+            thread.join(timeout=10)
+        for pipe in (proc.popen.stdout, proc.popen.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def tail(*args: str) -> contextlib.AbstractContextManager[Proc]:
+    return walex_proc("tail", *args)
+
+
+def wait_for(proc: Proc, text: str, stream: str = "stderr", timeout: float = 30) -> str:
+    """Skip lines until one holds *text*."""
+    deadline = time.monotonic() + timeout
+    while True:
+        line = proc.read_line(stream, timeout=max(0.1, deadline - time.monotonic()))
+        if text in line:
+            return line
+
+
+def wait_ready(proc: Proc) -> str:
+    """Skip log lines until tail says it streams."""
+    return wait_for(proc, "Ctrl-C to stop")
+
+
+def test_json_lines_then_ctrl_c_leaves_nothing_behind(db: Database) -> None:
+    db.execute(
+        "CREATE TABLE item (id int PRIMARY KEY, price numeric(8,2), at timestamptz,"
+        " tags text[], data bytea)"
+    )
+    db.execute("ALTER TABLE item REPLICA IDENTITY FULL")
+    db.execute("CREATE TABLE other (id int PRIMARY KEY)")
+    with tail(db.dsn, "--table", "item", "--format", "json") as proc:
+        ready = wait_ready(proc)
+        assert "publication walex_tail_" in ready
+        assert "temporary slot" in ready
+        db.execute("INSERT INTO item VALUES (1, 9.50, '2024-05-01 12:00+00', '{a,b}', '\\x00ff')")
+        db.execute("INSERT INTO other VALUES (1)")  # not in the publication
+        db.execute("UPDATE item SET price = 10 WHERE id = 1")
+        db.execute("DELETE FROM item")
+        lines = [json.loads(proc.read_line()) for _ in range(3)]
+        # Both the publication and the slot exist while tail runs.
+        assert (
+            db.fetch("SELECT count(*) FROM pg_publication WHERE pubname LIKE 'walex_tail_%'")[0][0]
+            == 1
+        )
+        assert (
+            db.fetch("SELECT count(*) FROM pg_replication_slots WHERE database = %s", [db.name])[0][
+                0
+            ]
+            == 1
+        )
+        assert proc.stop() == 0
+        rest = proc.rest("stdout")
+        err = proc.rest("stderr")
+    assert rest == ""
+    assert "Traceback" not in err
+    ins, upd, dele = lines
+    assert (ins["type"], ins["schema"], ins["table"]) == ("insert", "public", "item")
+    assert ins["new_record"] == {
+        "id": 1,
+        "price": "9.50",
+        "at": "2024-05-01T12:00:00+00:00",
+        "tags": ["a", "b"],
+        "data": "\\x00ff",
+    }
+    assert ins["primary_key"] == {"id": 1}
+    assert upd["type"] == "update"
+    assert upd["changes"] == {"price": ["9.50", "10.00"]}
+    assert dele["type"] == "delete"
+    assert dele["old_record"]["price"] == "10.00"
+    assert all(line["version"] == 1 for line in lines)
+    # Nothing leaks: the temporary slot and the publication are gone.
+    assert db.fetch("SELECT pubname FROM pg_publication") == []
+    deadline = time.monotonic() + 10
+    while db.fetch("SELECT slot_name FROM pg_replication_slots WHERE database = %s", [db.name]):
+        assert time.monotonic() < deadline, "the temporary slot outlived walex tail"
+        time.sleep(0.05)
+
+
+def test_pretty_with_existing_publication_and_durable_slot(db: Database) -> None:
+    pub, slot = db.unique("pub"), db.unique("tail_slot")
+    db.execute("CREATE TABLE a (id int PRIMARY KEY, name text)")
+    db.execute("CREATE TABLE b (id int PRIMARY KEY)")
+    db.execute(f"CREATE PUBLICATION {pub} FOR TABLE a, b")
+    with tail(db.dsn, "--publication", pub, "--slot", slot, "--table", "a") as proc:
+        wait_ready(proc)
+        db.execute("INSERT INTO b VALUES (1)")  # published, but not asked for
+        db.execute("INSERT INTO a VALUES (1, 'ann')")
+        db.execute("UPDATE a SET name = 'bob'")
+        ((after_update,),) = db.fetch("SELECT pg_current_wal_lsn()")
+        db.execute("SELECT pg_logical_emit_message(false, 'note', 'hi')")
+        head = proc.read_line()
+        body = proc.read_line()
+        upd_head = proc.read_line()
+        upd_body = proc.read_line()
+        upd_note = proc.read_line()
+        msg_head = proc.read_line()
+        msg_body = proc.read_line()
+        assert proc.stop() == 0
+    assert head.startswith("INSERT public.a ")
+    assert body.strip() == "{id: 1, name: 'ann'}"
+    assert upd_head.startswith("UPDATE public.a ")
+    assert upd_body.strip() == "{id: 1, name: 'bob'}"
+    assert "REPLICA IDENTITY is not FULL" in upd_note
+    assert msg_head.startswith("MESSAGE note ")
+    assert msg_body.strip() == "'hi' (outside a transaction)"
+    # A named slot is durable: it stays, at the position tail confirmed.
+    rows = db.fetch(
+        "SELECT temporary, confirmed_flush_lsn >= %s::pg_lsn"
+        " FROM pg_replication_slots WHERE slot_name = %s",
+        [after_update, slot],
+    )
+    assert rows == [(False, True)]
+    # The publication was the user's: it stays too.
+    assert db.fetch("SELECT count(*) FROM pg_publication WHERE pubname = %s", [pub]) == [(1,)]
+
+
+def test_errors_are_one_line_with_the_fix(db: Database, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["tail", db.dsn, "--table", "nope"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("walex: table 'nope' does not exist")
+    assert err.count("\n") == 1
+    db.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    assert main(["tail", db.dsn, "--publication", "missing_pub"]) == 1
+    err = capsys.readouterr().err
+    assert "publication 'missing_pub' does not exist" in err
+    assert "CREATE PUBLICATION" in err
+
+
+def test_without_superuser_all_tables_is_refused_with_the_way_out(
+    db: Database, capsys: pytest.CaptureFixture[str]
+) -> None:
+    role = db.unique("tailer")
+    db.execute(f"CREATE ROLE {role} LOGIN REPLICATION")
+    try:
+        dsn = psycopg.conninfo.make_conninfo(db.dsn, user=role)
+        assert main(["tail", dsn]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("walex: could not create a publication (FOR ALL TABLES needs a")
+        assert "pass --table, or create one and pass --publication" in err
+    finally:
+        db.execute(f"DROP ROLE {role}")
+    # A durable slot needs a publication that outlives the run.
+    assert main(["tail", db.dsn, "--slot", "kept", "--table", "t"]) == 1
+    assert "--slot needs --publication" in capsys.readouterr().err
+    assert db.fetch("SELECT pubname FROM pg_publication") == []
+
+
+def test_publication_is_dropped_even_if_its_connection_was_cut(db: Database) -> None:
+    db.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    with tail(db.dsn, "--table", "t", "--format", "json") as proc:
+        wait_ready(proc)
+        # An idle connection cut by the server, a proxy or idle_session_timeout.
+        cut = db.fetch(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = %s AND application_name = 'walex-tail'",
+            [db.name],
+        )
+        assert cut
+        db.execute("INSERT INTO t VALUES (1)")
+        line = proc.read_line()
+        assert json.loads(line)["new_record"] == {"id": 1}, proc.rest("stderr")
+        assert proc.stop() == 0
+    assert db.fetch("SELECT pubname FROM pg_publication") == []

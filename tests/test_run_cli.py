@@ -1,0 +1,169 @@
+"""`walex run`: apps from a module or a TOML file, until SIGINT/SIGTERM, exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.fix_pg import Database
+from tests.test_app import confirmed_flush, seed_tables
+from walex.cli import main
+from walex.lsn import LSN
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(check: Callable[[], bool], what: str, within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def walex_run(args: list[str], cwd: Path, log: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "walex", *args],
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+        )
+
+
+def test_run_module_app_until_sigterm(db: Database, tmp_path: Path) -> None:
+    seed = ROOT / "examples" / "seed"
+    db.execute((seed / "schema.sql").read_text())
+    db.execute("CREATE PUBLICATION events FOR TABLE user_account, todo")
+    log = tmp_path / "out.log"
+    proc = walex_run(["run", "example_app:app"], seed, log, {"WALEX_URL": db.dsn})
+    try:
+        wait_for(lambda: "streaming from slot" in log.read_text(), "the app to start")
+        db.execute("INSERT INTO user_account (id, email, name) VALUES (1, 'a@b', 'Ann')")
+        wait_for(lambda: "user_account_insert_event" in log.read_text(), "the handler")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()
+    finally:
+        proc.kill()
+    text = log.read_text()
+    assert "'email': 'a@b'" in text
+    assert "Traceback" not in text
+
+
+def test_run_config_file_graceful_sigint_confirms_the_handled(db: Database, tmp_path: Path) -> None:
+    pub = seed_tables(db)
+    name = db.unique("cli")
+    seen = tmp_path / "seen.txt"
+    (tmp_path / "cli_handlers.py").write_text(
+        textwrap.dedent(
+            f"""
+            import time
+            def slow(events):
+                with open({str(seen)!r}, "a") as f:
+                    f.write("started\\n")
+                time.sleep(1.0)
+                with open({str(seen)!r}, "a") as f:
+                    for e in events:
+                        f.write(f"done {{e.new_record['id']}} {{e.commit_lsn}}\\n")
+            """
+        )
+    )
+    config = tmp_path / "walex.toml"
+    config.write_text(
+        textwrap.dedent(
+            f"""
+            name = "{name}"
+            publication = "{pub}"
+            subscriptions = ["todo"]
+
+            [[handlers]]
+            handler = "cli_handlers:slow"
+            table = "todo"
+            type = "insert"
+            """
+        )
+    )
+    log = tmp_path / "out.log"
+    proc = walex_run(["run", "--config", str(config)], tmp_path, log, {"WALEX_URL": db.dsn})
+    try:
+        wait_for(lambda: "streaming from slot" in log.read_text(), "the app to start")
+        db.execute("INSERT INTO todo (id, title) VALUES (1, 'x')")
+        wait_for(lambda: seen.exists() and "started" in seen.read_text(), "the handler")
+        proc.send_signal(signal.SIGINT)  # while the handler sleeps
+        assert proc.wait(timeout=30) == 0, log.read_text()
+    finally:
+        proc.kill()
+    lines = seen.read_text().splitlines()
+    assert lines[0] == "started"
+    assert lines[1].startswith("done 1 ")
+    # What the handler finished was confirmed before exiting.
+    assert confirmed_flush(db, f"walex_{name}") > LSN.parse(lines[1].split()[2])
+
+
+def test_run_reports_a_bad_reference(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "no_such_module_xyz:app"]) == 1
+    assert "cannot import module 'no_such_module_xyz'" in capsys.readouterr().err
+    assert main(["run", "os:sep"]) == 1
+    assert "not a walex.WalEx app" in capsys.readouterr().err
+    assert main(["run"]) == 1
+    assert "name an app" in capsys.readouterr().err
+
+
+async def test_sigterm_stops_an_app_waiting_as_a_standby(db: Database, tmp_path: Path) -> None:
+    from tests.test_app import make_app
+
+    pub = seed_tables(db)
+    name = db.unique("standby")
+    holder = make_app(db, pub, name=name)
+    await holder.start()  # holds the durable slot
+    try:
+        config = tmp_path / "walex.toml"
+        config.write_text(f'name = "{name}"\npublication = "{pub}"\nstandby_retry = 0.2\n')
+        log = tmp_path / "out.log"
+        proc = walex_run(["run", "--config", str(config)], tmp_path, log, {"WALEX_URL": db.dsn})
+        try:
+            await asyncio.to_thread(
+                wait_for, lambda: "waiting as a standby" in log.read_text(), "the standby"
+            )
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(proc.wait, 30) == 0, log.read_text()
+        finally:
+            proc.kill()
+        assert holder.running
+    finally:
+        await holder.stop()
+
+
+def test_a_failing_app_exits_1_with_the_error(db: Database, tmp_path: Path) -> None:
+    pub = seed_tables(db)
+    (tmp_path / "bad_handlers.py").write_text(
+        "def bad(events):\n    raise RuntimeError('handler exploded')\n"
+    )
+    config = tmp_path / "walex.toml"
+    config.write_text(
+        f'name = "{db.unique("bad")}"\npublication = "{pub}"\nretries = 0\n'
+        '[[handlers]]\nhandler = "bad_handlers:bad"\ntable = "todo"\ntype = "insert"\n'
+    )
+    log = tmp_path / "out.log"
+    proc = walex_run(["run", "--config", str(config)], tmp_path, log, {"WALEX_URL": db.dsn})
+    try:
+        wait_for(lambda: "streaming from slot" in log.read_text(), "the app to start")
+        db.execute("INSERT INTO todo (id) VALUES (1)")
+        assert proc.wait(timeout=30) == 1, log.read_text()
+    finally:
+        proc.kill()
+    text = log.read_text()
+    assert "walex: " in text
+    assert "handler exploded" in text
+    assert "not confirmed" in text
