@@ -365,3 +365,27 @@ async def test_lost_catalog_connection_is_reopened(db: Database) -> None:
         db.execute("INSERT INTO t VALUES (1, 'after')")
         (event,) = await collect(stream, 1)
     assert event.new_record == {"id": 1, "v": "after"}
+
+
+async def test_cancelling_a_read_loses_nothing(db: Database) -> None:
+    """Cancel __anext__ while it looks up a new table in the catalog."""
+    pub, slot = make_table(db)
+    async with walex.connect(db.dsn, publication=pub, slot=slot, durable=True) as stream:
+        original = stream._on_relation
+        entered = asyncio.Event()
+
+        async def slow_relation(msg):  # type: ignore[no-untyped-def]
+            entered.set()
+            await asyncio.sleep(30)
+            await original(msg)
+
+        stream._on_relation = slow_relation  # type: ignore[method-assign]
+        db.execute("INSERT INTO t VALUES (1, 'a')")
+        reader = asyncio.ensure_future(stream.__anext__())
+        await asyncio.wait_for(entered.wait(), 20)
+        reader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        stream._on_relation = original  # type: ignore[method-assign]
+        (event,) = await collect(stream, 1)
+    assert event.new_record == {"id": 1, "v": "a"}

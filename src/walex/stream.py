@@ -181,12 +181,18 @@ class _Spool:
 class _Replay:
     """A spooled transaction being handed on after its commit."""
 
-    __slots__ = ("end_lsn", "records", "spool")
+    __slots__ = ("end_lsn", "pushed_back", "records", "spool")
 
     def __init__(self, spool: _Spool, end_lsn: LSN) -> None:
         self.spool = spool
         self.records = spool.records()
         self.end_lsn = end_lsn
+        self.pushed_back: list[tuple[int, bytes]] = []
+
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        while self.pushed_back:
+            yield self.pushed_back.pop()
+        yield from self.records
 
 
 def _transient(exc: ServerError) -> bool:
@@ -336,6 +342,9 @@ class Stream:
         self.reconnects = 0
         self.status_updates = 0
         self._backend_pid: int | None = None
+        #: True while a durable slot is held by another process and this
+        #: stream waits as a standby.
+        self.waiting_for_slot = False
         self._binary_active = binary
         self._failures = 0  # connection losses since the last delivered batch
 
@@ -565,6 +574,13 @@ class Stream:
             pid,
             self.standby_retry,
         )
+        self.waiting_for_slot = True
+        try:
+            await self._standby(pid)
+        finally:
+            self.waiting_for_slot = False
+
+    async def _standby(self, pid: int) -> None:
         waited = 0.0
         while True:
             await asyncio.sleep(self.standby_retry)
@@ -574,6 +590,7 @@ class Stream:
             if info is None or info.active_pid is None:
                 logger.info("slot %r is free; taking over", self.slot)
                 return
+            pid = info.active_pid
             if waited >= 60:
                 waited = 0.0
                 logger.info("still waiting: slot %r is in use by process %s", self.slot, pid)
@@ -849,7 +866,12 @@ class Stream:
                 elif t is Delete:
                     self._on_delete(msg, lsn)  # type: ignore[arg-type]
                 elif t is Relation:
-                    await self._on_relation(msg)  # type: ignore[arg-type]
+                    try:
+                        await self._on_relation(msg)  # type: ignore[arg-type]
+                    except BaseException:
+                        # Cancelled (or failed) mid-lookup: read it again next time.
+                        frames.appendleft(frame)
+                        raise
                 else:
                     self._on_other(msg, lsn)
                     if self._relations_todo is not None:
@@ -1151,13 +1173,15 @@ class Stream:
     async def _apply_spooled_relations(self) -> None:
         spool = self._relations_todo
         assert spool is not None
-        self._relations_todo = None
+        # Applying a description twice is harmless: if this is interrupted,
+        # it starts over.
         for lsn, payload in spool.records():
             if payload[0] == _RELATION_TAG:
                 msg = self._decode(payload, lsn, spool.in_stream)
                 assert isinstance(msg, Relation)
                 if msg.xid not in spool.aborted:
                     await self._on_relation(msg)
+        self._relations_todo = None
 
     async def _replay_some(self) -> None:
         replay = self._replay
@@ -1165,7 +1189,7 @@ class Stream:
         spool = replay.spool
         in_stream = spool.in_stream
         ready = self._ready
-        for lsn, payload in replay.records:
+        for lsn, payload in replay:
             msg = self._decode(payload, lsn, in_stream)
             xid = getattr(msg, "xid", None)
             if in_stream and xid is not None and xid in spool.aborted:
@@ -1179,7 +1203,11 @@ class Stream:
                 self._on_delete(msg, lsn)  # type: ignore[arg-type]
             elif t is Relation:
                 if in_stream and not spool.relations_applied:
-                    await self._on_relation(msg)  # type: ignore[arg-type]
+                    try:
+                        await self._on_relation(msg)  # type: ignore[arg-type]
+                    except BaseException:
+                        replay.pushed_back.append((lsn, payload))
+                        raise
             elif t is Truncate:
                 self._on_truncate(msg, lsn)  # type: ignore[arg-type]
             elif t is LogicalMessage:
