@@ -2,8 +2,10 @@
 
 ``walex tail --format json``, the file destination and every broker
 destination write an event as :func:`to_dict` describes, encoded by
-:func:`dumps`. The shape is stable (version 1) and described by the JSON
-Schema in ``docs/event.schema.json``.
+:func:`dumps` (text) or :func:`dumpb` (UTF-8 bytes, the same document). The
+shape is stable (version 1), documented in ``docs/wire-format.md`` and
+described by the JSON Schema :data:`JSON_SCHEMA`, also in
+``docs/event.schema.json``.
 
 Values are encoded without loss, as text where JSON has no type for them:
 
@@ -47,9 +49,14 @@ from psycopg.types.range import Range
 
 from .events import Event
 
-__all__ = ["WIRE_VERSION", "dumps", "encode_value", "to_dict"]
+__all__ = ["JSON_SCHEMA", "WIRE_VERSION", "dumpb", "dumps", "encode_value", "to_dict"]
 
 WIRE_VERSION = 1
+
+try:  # orjson (walex[fast]) writes the same JSON several times faster
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - depends on the installed extras
+    _orjson = None  # type: ignore[assignment]
 
 _IP = (IPv4Address, IPv6Address, IPv4Interface, IPv6Interface, IPv4Network, IPv6Network)
 
@@ -153,3 +160,136 @@ def to_dict(event: Event) -> dict[str, Any]:
 def dumps(event: Event) -> str:
     """One event as one line of JSON (no newline)."""
     return json.dumps(to_dict(event), ensure_ascii=False, separators=(",", ":"))
+
+
+def dumpb(event: Event) -> bytes:
+    """One event as one line of UTF-8 JSON (no newline): what destinations send.
+
+    The same document as :func:`dumps`, made with orjson when it is installed.
+    Integers beyond 64 bits, which orjson refuses, take the standard library.
+    """
+    data = to_dict(event)
+    if _orjson is not None:
+        try:
+            return _orjson.dumps(data)
+        except TypeError:  # an integer orjson cannot write
+            pass
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+_LSN = {"type": "string", "pattern": "^[0-9A-F]{1,8}/[0-9A-F]{1,8}$"}
+_RECORD = {
+    "type": ["object", "null"],
+    "description": "Column name to value, encoded as the module's table shows.",
+    "additionalProperties": True,
+}
+
+#: The JSON Schema (draft 2020-12) of :func:`to_dict`'s output, also in
+#: ``docs/event.schema.json`` (a test keeps the two the same).
+JSON_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$id": "https://github.com/walex-py/walex/blob/main/docs/event.schema.json",
+    "title": "walex event",
+    "description": (
+        "One change captured from Postgres by walex, as destinations and "
+        "`walex tail --format json` write it. Version 1."
+    ),
+    "type": "object",
+    "required": [
+        "id",
+        "type",
+        "schema",
+        "table",
+        "new_record",
+        "old_record",
+        "changes",
+        "unchanged_toast",
+        "commit_timestamp",
+        "commit_lsn",
+        "lsn",
+        "xid",
+        "seq",
+        "version",
+    ],
+    "properties": {
+        "id": {
+            "type": "string",
+            "pattern": "^[0-9A-F]{1,8}/[0-9A-F]{1,8}:[0-9]+$",
+            "description": (
+                "The idempotency key: '<commit_lsn>:<seq>'. The same every time the "
+                "change is delivered; deduplicate on it."
+            ),
+        },
+        "type": {"enum": ["insert", "update", "delete", "truncate", "message"]},
+        "schema": {"type": ["string", "null"], "description": "null for messages"},
+        "table": {"type": ["string", "null"], "description": "null for messages"},
+        "new_record": {**_RECORD, "description": "The new row (insert, update), else null."},
+        "old_record": {
+            **_RECORD,
+            "description": (
+                "The old row as Postgres sent it (update, delete): the whole row under "
+                "REPLICA IDENTITY FULL, else the key columns or null."
+            ),
+        },
+        "changes": {
+            "type": ["object", "null"],
+            "description": (
+                "Update under REPLICA IDENTITY FULL: column to [old, new] for each column "
+                "that differs. null when the old row is not known, and for other types."
+            ),
+            "additionalProperties": {"type": "array", "minItems": 2, "maxItems": 2},
+        },
+        "unchanged_toast": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "Columns whose large value did not change and was not sent.",
+        },
+        "commit_timestamp": {
+            "type": "string",
+            "format": "date-time",
+            "description": "The commit time, ISO 8601 with its UTC offset.",
+        },
+        "commit_lsn": {**_LSN, "description": "The LSN of the transaction's commit."},
+        "lsn": {**_LSN, "description": "The LSN of the change itself."},
+        "xid": {"type": "integer", "minimum": 0, "description": "The transaction id."},
+        "seq": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "The change's index in its transaction, from 0.",
+        },
+        "version": {"const": WIRE_VERSION, "description": "The version of this shape."},
+        "primary_key": {
+            "type": "object",
+            "description": (
+                "Tables only: primary-key column to value, taken from the new row (the "
+                "old one for a delete). Empty when the table has no primary key."
+            ),
+        },
+        "prefix": {"type": ["string", "null"], "description": "Messages: the prefix."},
+        "content": {
+            "type": "string",
+            "description": "Messages: the content, as text or as '\\\\x' + hex.",
+        },
+        "content_encoding": {"enum": ["text", "hex"]},
+        "transactional": {"type": ["boolean", "null"]},
+        "truncated": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "Truncates: every table the statement truncated, 'schema.table'.",
+        },
+        "cascade": {"type": "boolean"},
+        "restart_identity": {"type": "boolean"},
+    },
+    "additionalProperties": False,
+    "allOf": [
+        {
+            "if": {"properties": {"type": {"const": "message"}}},
+            "then": {"required": ["prefix", "content", "content_encoding", "transactional"]},
+            "else": {"required": ["primary_key"]},
+        },
+        {
+            "if": {"properties": {"type": {"const": "truncate"}}},
+            "then": {"required": ["truncated", "cascade", "restart_identity"]},
+        },
+    ],
+}
