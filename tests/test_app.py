@@ -649,3 +649,68 @@ async def test_second_app_on_a_durable_slot_waits_and_takes_over(db: Database) -
             standby.cancel()
     assert ids(got1) == [1]
     assert ids(got2) == [2]
+
+
+class RefusingDestination:
+    """Refuses the events whose id is in *refuse* for good (like a webhook's 422),
+    and fails the first send of *flaky* with a Retry-After."""
+
+    def __init__(self, name: str, refuse: set[int], retry_after: float | None = None) -> None:
+        self.name = name
+        self.refuse = refuse
+        self.retry_after = retry_after
+        self.attempts = 0
+        self.accepted: list[Any] = []
+        self.sends: list[float] = []
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def send(self, events: Sequence[Event]) -> None:
+        from walex.destinations import DestinationError
+
+        self.attempts += 1
+        self.sends.append(time.monotonic())
+        if self.retry_after is not None and self.attempts == 1:
+            raise DestinationError("busy", retry_after=self.retry_after)
+        for i, event in enumerate(events):
+            if ids([event])[0] in self.refuse:
+                self.accepted.extend(ids(events[:i]))
+                raise DestinationError(
+                    "refused", retryable=False, failed=events[i:], rejected=[event]
+                )
+        self.accepted.extend(ids(events))
+
+
+async def test_destination_refusals_are_not_retried_and_only_the_rest_is_resent(
+    db: Database, tmp_path: Path
+) -> None:
+    pub = seed_tables(db)
+    letters = tmp_path / "dead.jsonl"
+    app = make_app(db, pub, on_error="dead_letter", dead_letter=letters, retries=5)
+    dest = RefusingDestination("picky", refuse={2})
+    app.add_destination(dest)
+    async with app:
+        db.execute("INSERT INTO todo (id) VALUES (1), (2), (3)")
+        await until(lambda: 3 in dest.accepted)
+    # 1 went through; 2 was refused for good (no retry) and dead-lettered;
+    # only 3 was sent again.
+    assert dest.accepted == [1, 3]
+    assert dest.attempts == 2
+    (letter,) = [json.loads(line) for line in letters.read_text().splitlines()]
+    assert [e["new_record"]["id"] for e in letter["events"]] == [2]
+
+
+async def test_destination_retry_after_is_honoured(db: Database) -> None:
+    pub = seed_tables(db)
+    app = make_app(db, pub, retries=3)
+    dest = RefusingDestination("busy", refuse=set(), retry_after=0.5)
+    app.add_destination(dest)
+    async with app:
+        db.execute("INSERT INTO todo (id) VALUES (1)")
+        await until(lambda: dest.accepted == [1])
+    assert dest.attempts == 2
+    assert dest.sends[1] - dest.sends[0] >= 0.45

@@ -38,9 +38,10 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar
 
 from . import config as _config
+from .destinations import Destination, DestinationError, RetryPolicy, send_with_retry
 from .errors import ConfigurationError, HandlerError, WalexError
 from .events import Batch, Event
 from .filters import Relation, parse_relation, unwatched_fields, watched_record
@@ -68,30 +69,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 _FILTER_KEYS = frozenset(
     {"unwatched_fields", "unwatched_records", "where", "columns", "exclude_columns"}
 )
-
-
-@runtime_checkable
-class Destination(Protocol):
-    """Where an app can deliver changes (see :mod:`walex.destinations`).
-
-    Attributes:
-        name: names the destination in logs, metrics and dead letters.
-    """
-
-    name: str
-
-    async def start(self) -> None:
-        """Connect; called once before the first :meth:`send`."""
-
-    async def send(self, events: Sequence[Event]) -> None:
-        """Deliver *events*, in order; return only once they are durably accepted.
-
-        Raises:
-            Exception: on failure; the app retries and then applies its policy.
-        """
-
-    async def close(self) -> None:
-        """Flush and disconnect; called once when the app stops."""
 
 
 class Observer(Protocol):
@@ -822,7 +799,7 @@ class WalEx:
     async def _deliver(self, route: _Route, events: list[Event]) -> None:
         dest = route.destination
         if dest is not None:
-            await self._attempt(route, route.name, dest.send, True, events, events)
+            await self._send(route, dest, events)
             return
         handler = route.handler
         assert handler is not None
@@ -833,6 +810,26 @@ class WalEx:
         else:
             await self._attempt(route, route.name, handler, route.is_async, list(events), events)
             await self._pipeline(route, events)
+
+    async def _send(self, route: _Route, dest: Destination, events: list[Event]) -> None:
+        # Destinations say more than "it failed": which events were accepted,
+        # whether to retry at all (a webhook's 4xx), and when (Retry-After).
+        s = self.settings
+        retries = s.retries if route.retries is None else route.retries
+        policy = RetryPolicy(retries=retries, initial=s.retry_delay, maximum=s.max_retry_delay)
+        started = time.perf_counter()
+        failures: list[DestinationError] = []
+
+        async def give_up(failed: Sequence[Event], error: DestinationError) -> None:
+            failures.append(error)
+            await self._give_up(route, route.name, list(failed), error, retries + 1)
+
+        try:
+            await send_with_retry(dest, events, policy, on_give_up=give_up)
+        finally:
+            if self._observers:
+                error = failures[-1] if failures else None
+                self._observe(route.name, route, events, time.perf_counter() - started, error)
 
     async def _pipeline(self, route: _Route, events: list[Event]) -> None:
         for fn in route.functions:
