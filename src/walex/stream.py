@@ -345,6 +345,7 @@ class Stream:
         #: True while a durable slot is held by another process and this
         #: stream waits as a standby.
         self.waiting_for_slot = False
+        self._gc_paused = False
         self._binary_active = binary
         self._failures = 0  # connection losses since the last delivered batch
 
@@ -658,6 +659,7 @@ class Stream:
         return exc
 
     async def _reconnect(self, cause: BaseException) -> None:
+        self._resume_gc()  # reconnecting can take long: let the collector run
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -775,27 +777,34 @@ class Stream:
 
     async def _fill(self) -> None:
         """Read and decode until at least one batch or mark is ready."""
-        while not self._ready:
-            try:
-                if self._replay is not None or self._frames:
-                    # Decoding allocates many objects that reference counting
-                    # frees; the cyclic collector only slows it (by a third,
-                    # measured). Pause it for one burst, at most one batch.
-                    collecting = gc.isenabled()
-                    if collecting:
-                        gc.disable()
-                    try:
-                        if self._replay is not None:
-                            await self._replay_some()
-                        else:
-                            await self._consume()
-                    finally:
-                        if collecting:
-                            gc.enable()
-                else:
-                    await self._receive()
-            except _TextModeNeeded as exc:
-                await self._reconnect(exc)
+        # Decoding allocates many objects that reference counting frees; the
+        # cyclic collector only slows it down (by a third, measured). Pause
+        # it while filling one batch, but not while waiting for the server,
+        # when the rest of the program runs.
+        self._pause_gc()
+        try:
+            while not self._ready:
+                try:
+                    if self._replay is not None:
+                        await self._replay_some()
+                    elif self._frames:
+                        await self._consume()
+                    else:
+                        await self._receive()
+                except _TextModeNeeded as exc:
+                    await self._reconnect(exc)
+        finally:
+            self._resume_gc()
+
+    def _pause_gc(self) -> None:
+        if gc.isenabled():
+            gc.disable()
+            self._gc_paused = True
+
+    def _resume_gc(self) -> None:
+        if self._gc_paused:
+            self._gc_paused = False
+            gc.enable()
 
     async def _receive(self) -> None:
         conn = self._conn
@@ -807,7 +816,11 @@ class Stream:
                     raise StreamError("the server ended the replication stream")
                 if self._frames:
                     return
-                await conn.wait_readable(None)
+                self._resume_gc()
+                try:
+                    await conn.wait_readable(None)
+                finally:
+                    self._pause_gc()
         except (StreamError, OSError) as exc:
             if isinstance(exc, ServerError):
                 if "binary output function" in str(exc) and self._binary_active:
