@@ -79,6 +79,25 @@ class _JsonLoader(Loader):
         return json_loads(data if type(data) is bytes else bytes(data))
 
 
+try:
+    from .pgoutput import _speedups
+except ImportError:  # pragma: no cover - built where a C compiler is available
+    _speedups = None  # type: ignore[assignment]
+
+if _speedups is not None and _orjson is not None:
+    _speedups.setup_json(_orjson.loads, _orjson.JSONDecodeError, json.loads)
+
+    class _FastJsonLoader(Loader):
+        """The same as :class:`_JsonLoader`, its check done in C: psycopg calls
+        ``load`` with bytes, so no Python frame is needed on the way."""
+
+        load = staticmethod(_speedups.json_loads)  # type: ignore[assignment]
+
+    _JsonTextLoader: type[Loader] = _FastJsonLoader
+else:  # pragma: no cover
+    _JsonTextLoader = _JsonLoader
+
+
 class _JsonbBinaryLoader(Loader):
     """jsonb in binary: a version byte (1), then the text."""
 
@@ -97,8 +116,8 @@ class _JsonBinaryLoader(_JsonLoader):
 def make_adapters() -> AdaptersMap:
     """A private adapters map for walex, with a fast JSON loader if installed."""
     adapters = AdaptersMap(psycopg.adapters)
-    adapters.register_loader("json", _JsonLoader)
-    adapters.register_loader("jsonb", _JsonLoader)
+    adapters.register_loader("json", _JsonTextLoader)
+    adapters.register_loader("jsonb", _JsonTextLoader)
     adapters.register_loader("json", _JsonBinaryLoader)
     adapters.register_loader("jsonb", _JsonbBinaryLoader)
     return adapters
@@ -327,7 +346,8 @@ class RelationCodec:
             # A value Python cannot hold (an infinite date, a JSON number
             # beyond float) must not stop the stream: load value by value.
             row = self._load_tolerant(values, tup)  # type: ignore[arg-type]
-        return dict(zip(self.names, row, strict=True)), _NONE
+        # Same length: checked above.
+        return dict(zip(self.names, row)), _NONE  # noqa: B905
 
     def load_key(self, tup: TupleData) -> dict[str, Any]:
         """The record of an old row sent as key columns only (kind ``'K'``)."""

@@ -161,7 +161,57 @@ read_tuple(PyObject *self, PyObject *args)
     return Py_BuildValue("(Nn)", tup, pos);
 }
 
+/* The JSON loader: orjson where it gives the same answer as the standard
+ * library, json.loads where it would not (integers of 19 digits or more,
+ * which orjson turns into floats; numbers it refuses). See values.py. */
+static PyObject *fast_loads = NULL;     /* orjson.loads */
+static PyObject *fast_error = NULL;     /* orjson.JSONDecodeError */
+static PyObject *slow_loads = NULL;     /* json.loads */
+
+static PyObject *
+setup_json(PyObject *self, PyObject *args)
+{
+    PyObject *fast, *err, *slow;
+    if (!PyArg_ParseTuple(args, "OOO", &fast, &err, &slow))
+        return NULL;
+    Py_XINCREF(fast); Py_XDECREF(fast_loads); fast_loads = fast;
+    Py_XINCREF(err); Py_XDECREF(fast_error); fast_error = err;
+    Py_XINCREF(slow); Py_XDECREF(slow_loads); slow_loads = slow;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+json_loads(PyObject *self, PyObject *data)
+{
+    if (slow_loads == NULL)
+        return fail("walex._speedups.setup_json() was not called");
+    if (fast_loads != NULL && PyBytes_Check(data)) {
+        const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(data);
+        Py_ssize_t n = PyBytes_GET_SIZE(data), run = 0, i;
+        for (i = 0; i < n; i++) {
+            if (p[i] >= '0' && p[i] <= '9') {
+                if (++run >= 19)
+                    break;
+            }
+            else
+                run = 0;
+        }
+        if (run < 19) {
+            PyObject *res = PyObject_CallOneArg(fast_loads, data);
+            if (res != NULL)
+                return res;
+            if (!PyErr_ExceptionMatches(fast_error))
+                return NULL;
+            PyErr_Clear();
+        }
+    }
+    return PyObject_CallOneArg(slow_loads, data);
+}
+
 static PyMethodDef methods[] = {
+    {"setup_json", setup_json, METH_VARARGS, "setup_json(orjson_loads, orjson_error, json_loads)"},
+    {"json_loads", json_loads, METH_O,
+     "json_loads(data): orjson where exact, else the standard library."},
     {"setup", setup, METH_VARARGS, "setup(toast_marker, tuple_type, decode_error)"},
     {"read_tuple", read_tuple, METH_VARARGS,
      "read_tuple(data, pos) -> (TupleData, newpos): one row of pgoutput tuple data."},
