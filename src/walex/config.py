@@ -32,6 +32,7 @@ from typing import Any, Literal
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from .admin import mask_dsn
 from .errors import ConfigurationError
 from .filters import parse_relation
 
@@ -181,14 +182,8 @@ class Settings:
 
 
 def redact(conninfo: str) -> str:
-    """*conninfo* as ``key=value`` pairs with any password replaced by ``***``."""
-    try:
-        params = conninfo_to_dict(conninfo)
-    except psycopg.ProgrammingError:
-        return "<unparsable connection string>"
-    if "password" in params:
-        params["password"] = "***"
-    return make_conninfo("", **params)
+    """*conninfo* with any password replaced by ``***`` (see :func:`walex.admin.mask_dsn`)."""
+    return mask_dsn(conninfo)
 
 
 def _unknown(key: str, where: str) -> ConfigurationError:
