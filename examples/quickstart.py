@@ -13,22 +13,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-from collections.abc import Iterator
 
 import psycopg
 
 import walex
+from walex.embedded import database_or_embedded
 
 
-@contextlib.contextmanager
-def database(dsn: str | None) -> Iterator[str]:
-    if dsn is not None:
-        yield dsn
-        return
-    from walex.embedded import EmbeddedPostgres
-
-    with EmbeddedPostgres() as server:
-        yield server.create_database("quickstart")
+def database(dsn: str | None) -> contextlib.AbstractContextManager[str]:
+    return database_or_embedded(dsn, "quickstart")
 
 
 def make_changes(dsn: str) -> None:

@@ -17,24 +17,18 @@ import asyncio
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
+
+from walex.embedded import database_or_embedded
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-@contextlib.contextmanager
-def database(dsn: str | None) -> Iterator[str]:
-    if dsn is not None:
-        yield dsn
-        return
-    from walex.embedded import EmbeddedPostgres
-
-    with EmbeddedPostgres() as server:
-        yield server.create_database("example_app")
+def database(dsn: str | None) -> contextlib.AbstractContextManager[str]:
+    return database_or_embedded(dsn, "example_app")
 
 
 def create_schema(dsn: str) -> None:

@@ -48,6 +48,7 @@ __all__ = [
     "EmbeddedPostgresError",
     "PostgresBinaries",
     "PostgresNotFound",
+    "database_or_embedded",
     "find_binaries",
 ]
 
@@ -815,3 +816,22 @@ class EmbeddedPostgres:
             return ""
         tail = "\n".join(lines[-_LOG_TAIL_LINES:])
         return f"\n--- the end of {self.log_file} ---\n{tail}" if tail else ""
+
+
+@contextlib.contextmanager
+def database_or_embedded(dsn: str | None, name: str = "walex") -> Iterator[str]:
+    """*dsn* itself, or a new database on a throw-away local Postgres.
+
+    For examples and demos that run against the user's database when given
+    one, and otherwise against a server of their own, removed afterwards.
+
+    Example::
+
+        with database_or_embedded(args.dsn, "quickstart") as dsn:
+            ...
+    """
+    if dsn is not None:
+        yield dsn
+        return
+    with EmbeddedPostgres() as server:
+        yield server.create_database(name)
