@@ -210,3 +210,26 @@ async def test_iterating_without_async_with_opens_the_stream(db: Database) -> No
         await stream.aclose()
     assert not stream.connected
     await asyncio.sleep(0)
+
+
+async def test_large_rows_bound_batches_by_bytes(db: Database) -> None:
+    pub = db.unique("pub")
+    db.execute("CREATE TABLE t (id int PRIMARY KEY, body text)")
+    db.execute(f"CREATE PUBLICATION {pub} FOR TABLE t")
+    async with walex.connect(db.dsn, publication=pub, max_batch_bytes=1_000_000) as stream:
+        # 20 rows of 300 kB each (random text: it stays that size on the wire).
+        db.execute(
+            "INSERT INTO t SELECT g, (SELECT string_agg(md5(random()::text), '')"
+            " FROM generate_series(1, 9375) WHERE g > 0) FROM generate_series(1, 20) g"
+        )
+        batches: list[walex.Batch] = []
+        async with asyncio.timeout(30):
+            async for batch in stream:
+                batches.append(batch)
+                if batch.last:
+                    break
+    sizes = [len(b) for b in batches]
+    assert sum(sizes) == 20
+    # Cut once a batch holds 1 MB: four rows of 300 kB, never more.
+    assert max(sizes) == 4, sizes
+    assert all(len(e.new_record["body"]) == 300_000 for b in batches for e in b.events)  # type: ignore[index]

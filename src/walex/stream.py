@@ -232,6 +232,7 @@ class Stream:
         origin: Literal["none", "any"] | None = None,
         messages: bool = True,
         max_batch_events: int = 5000,
+        max_batch_bytes: int = 64 << 20,
         status_interval: float = 10.0,
         allow_gap: bool = False,
         wait_for_slot: bool = True,
@@ -271,6 +272,8 @@ class Stream:
             raise ConfigurationError(f"origin must be 'none', 'any' or None, not {origin!r}")
         if not isinstance(max_batch_events, int) or max_batch_events < 1:
             raise ConfigurationError("max_batch_events must be a whole number of at least 1")
+        if not isinstance(max_batch_bytes, int) or max_batch_bytes < 1:
+            raise ConfigurationError("max_batch_bytes must be a whole number of at least 1")
         if heartbeat_interval is not None and not heartbeat_interval > 0:
             raise ConfigurationError("heartbeat_interval must be a positive number of seconds")
         if not status_interval > 0:
@@ -292,6 +295,8 @@ class Stream:
         self.origin = origin
         self.messages = messages
         self.max_batch_events = max_batch_events
+        self.max_batch_bytes = max_batch_bytes
+        self._batch_bytes = 0  # wire size of the changes in the batch being built
         self.status_interval = status_interval
         self.allow_gap = allow_gap
         self.wait_for_slot = wait_for_slot
@@ -841,6 +846,7 @@ class Stream:
             frame = frames.popleft()
             tag = frame[0]
             if tag == _W:
+                self._batch_bytes += len(frame)
                 lsn, wal_end, clock = header(frame, 1)
                 self._clock = clock
                 if wal_end > self._server_wal_end:
@@ -935,10 +941,11 @@ class Stream:
         events = self._events
         events.append(event)
         self._seq += 1
-        if len(events) >= self.max_batch_events:
+        if len(events) >= self.max_batch_events or self._batch_bytes >= self.max_batch_bytes:
             assert self._txn is not None
             self._ready.append(Batch(self._txn, events, False))
             self._events = []
+            self._batch_bytes = 0
 
     def _no_txn(self, lsn: int) -> DecodeError:
         return DecodeError("a change outside a transaction", LSN(lsn))
@@ -954,9 +961,10 @@ class Stream:
         events = self._events
         events.append(_row_event("insert", codec.source, new, None, toast, lsn, self._seq, txn))
         self._seq += 1
-        if len(events) >= self.max_batch_events:
+        if len(events) >= self.max_batch_events or self._batch_bytes >= self.max_batch_bytes:
             self._ready.append(Batch(txn, events, False))
             self._events = []
+            self._batch_bytes = 0
 
     def _on_update(self, msg: Update, lsn: int) -> None:
         txn = self._txn
@@ -1077,6 +1085,7 @@ class Stream:
         self._txn = txn
         self._events = []
         self._seq = 0
+        self._batch_bytes = 0
 
     def _end(self, end_lsn: LSN) -> None:
         txn = self._txn
@@ -1088,6 +1097,7 @@ class Stream:
             self._ready.append(_Mark(end_lsn))
         self._events = []
         self._txn = None
+        self._batch_bytes = 0
 
     def _on_other(self, msg: Message, lsn: int) -> None:
         t = type(msg)
@@ -1203,6 +1213,7 @@ class Stream:
         in_stream = spool.in_stream
         ready = self._ready
         for lsn, payload in replay:
+            self._batch_bytes += len(payload)
             msg = self._decode(payload, lsn, in_stream)
             xid = getattr(msg, "xid", None)
             if in_stream and xid is not None and xid in spool.aborted:
@@ -1324,6 +1335,7 @@ def connect(
             made while nothing listens are lost.
         **options: ``create_slot``, ``start_lsn``, ``binary``, ``streaming``,
             ``two_phase``, ``origin``, ``messages``, ``max_batch_events``,
+            ``max_batch_bytes``,
             ``status_interval``, ``allow_gap``, ``wait_for_slot``,
             ``standby_retry``, ``reconnect``, ``max_reconnect_delay``,
             ``connect_timeout``, ``spool_dir``, ``heartbeat_interval``: see
