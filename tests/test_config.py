@@ -292,3 +292,15 @@ async def test_password_not_in_connection_errors_or_logs(
     assert "hunter2-secret" not in str(info.value)
     assert "hunter2-secret" not in repr(info.value)
     assert "hunter2-secret" not in caplog.text
+
+
+def test_every_engine_option_can_be_set_for_an_app() -> None:
+    import inspect
+
+    from walex.config import ENGINE_OPTIONS
+    from walex.stream import Stream
+
+    params = set(inspect.signature(Stream.__init__).parameters)
+    # The app sets these itself (from url/hostname..., publication, slot_name, durable_slot).
+    own = {"self", "dsn", "publication", "slot", "durable"}
+    assert set(ENGINE_OPTIONS) == params - own

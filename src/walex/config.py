@@ -104,6 +104,8 @@ _ENGINE = {
     "origin": _Spec("choice", '"none" or "any"', ("none", "any")),
     "messages": _Spec("bool", "true or false"),
     "max_batch_events": _Spec("int", "a whole number of at least 1", minimum=1),
+    "max_batch_bytes": _Spec("int", "a size in bytes, at least 1", minimum=1),
+    "heartbeat_interval": _Spec("float", "seconds, more than 0", minimum=0.001),
     "status_interval": _Spec("float", "seconds, more than 0", minimum=0.001),
     "allow_gap": _Spec("bool", "true or false"),
     "wait_for_slot": _Spec("bool", "true or false"),
