@@ -280,3 +280,28 @@ def test_c_speedup_agrees_with_python_on_damaged_rows(msg: bytes, data: st.DataO
         damaged[pos] = data.draw(st.integers(0, 255))
     start = data.draw(st.integers(0, 12))
     assert _c_or_error(bytes(damaged), start) == _python_or_error(bytes(damaged), start)
+
+
+@pytest.mark.skipif(decoder_module._speedups is None, reason="the C speedup is not built")
+@settings(max_examples=800, deadline=None)
+@given(st.sampled_from([m for m in _SAMPLES if m[:1] in (b"I", b"U", b"D")]), st.data())
+def test_c_fast_path_never_crashes_on_damaged_frames(msg: bytes, data: st.DataObject) -> None:
+    from walex.events import Event
+    from walex.pgoutput import _speedups
+
+    relid = struct.unpack_from(">I", msg, 1)[0]
+    ncols = data.draw(st.integers(0, 10))
+    names = tuple(f"c{i}" for i in range(ncols))
+    fast_map = {relid: (names, tuple, tuple, None)}
+    cut = data.draw(st.integers(0, len(msg)))
+    damaged = bytearray(msg[:cut])
+    pos = data.draw(st.integers(0, max(0, len(damaged) - 1)))
+    if damaged and pos < len(damaged):
+        damaged[pos] = data.draw(st.integers(0, 255))
+    frame = b"w" + bytes(24) + bytes(damaged)
+    result = _speedups.row_event(frame, fast_map, None, 0)
+    assert result is None or isinstance(result, Event)
+    if result is not None:
+        record = result.new_record if result.new_record is not None else result.old_record
+        assert record is not None
+        assert list(record) == list(names)

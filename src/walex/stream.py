@@ -101,6 +101,13 @@ _XLOG_HEADER = struct.Struct(">QQq")
 _SPOOL_RECORD = struct.Struct(">QI")
 _NO_TOAST: frozenset[str] = frozenset()
 _new_event = tuple.__new__
+try:
+    from .pgoutput import _speedups
+
+    _speedups.setup_events(Event, LSN, frozenset())
+    _row_event_fast = _speedups.row_event
+except ImportError:  # pragma: no cover - built where a C compiler is available
+    _row_event_fast = None  # type: ignore[assignment]
 _new_lsn = int.__new__  # LSN(x) without the range check: the server's positions are valid
 
 # SQLSTATEs the server uses for a slot held by another process, a missing
@@ -319,6 +326,8 @@ class Stream:
         self._facts: ServerFacts | None = None
         self.protocol_version = 0
         self._relations: dict[int, RelationCodec] = {}
+        # What the C fast path needs of each table (see _speedups.row_event).
+        self._fast: dict[int, tuple[Any, ...]] = {}
         self._type_names: dict[tuple[int, int], str] = {}
 
         self._frames: deque[bytes] = deque()
@@ -866,6 +875,22 @@ class Stream:
                     else:
                         self._prepare_spool.write(lsn, frame[25:])
                     continue
+                txn = self._txn
+                if txn is not None and _row_event_fast is not None:
+                    # The common case, frame to event in C; None: not so common.
+                    event = _row_event_fast(frame, self._fast, txn, self._seq)
+                    if event is not None:
+                        events = self._events
+                        events.append(event)
+                        self._seq += 1
+                        if (
+                            len(events) >= self.max_batch_events
+                            or self._batch_bytes >= self.max_batch_bytes
+                        ):
+                            ready.append(Batch(txn, events, False))
+                            self._events = []
+                            self._batch_bytes = 0
+                        continue
                 if frame[25] == _INSERT_TAG:
                     # The common case, without the general dispatch.
                     try:
@@ -1272,7 +1297,9 @@ class Stream:
             self._require_binary_loaders(oids)
         database = self._facts.database if self._facts is not None else ""
         source = make_source(msg, database, names, pkey)
-        self._relations[msg.oid] = RelationCodec(msg, source, self._adapters)
+        codec = RelationCodec(msg, source, self._adapters)
+        self._relations[msg.oid] = codec
+        self._fast[msg.oid] = codec.fast_path()
 
     async def _catalog_for_lookup(self) -> psycopg.AsyncConnection[Any]:
         try:

@@ -327,6 +327,10 @@ class RelationCodec:
         self._load_text = self._tx_text.load_sequence
         self._load_binary = self._tx_binary.load_sequence
 
+    def fast_path(self) -> tuple[Any, ...]:
+        """What the C fast path needs: names, the two loaders, the source."""
+        return (self.names, self._load_text, self._load_binary, self.source)
+
     def load(self, tup: TupleData) -> tuple[dict[str, Any], frozenset[str]]:
         """The record of a row, and the names of its unchanged TOAST columns."""
         values = tup.values

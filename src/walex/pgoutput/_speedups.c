@@ -208,7 +208,292 @@ json_loads(PyObject *self, PyObject *data)
     return PyObject_CallOneArg(slow_loads, data);
 }
 
+/* ---------------------------------------------------------------------
+ * row_event(): the whole hot path of a row change, frame -> walex.Event.
+ *
+ * Handles the common case only: an XLogData frame holding an Insert, an
+ * Update (no old row, or the whole old row 'O') or a Delete ('O'), of a
+ * table in *fast_map*, every value in one format, no unchanged TOAST, as
+ * many values as columns. Anything else — and any value a loader refuses —
+ * returns None, and the Python path (stream.py) does the work, with its
+ * error handling. The result equals what the Python path makes.
+ * --------------------------------------------------------------------- */
+static PyObject *event_type = NULL;     /* walex.events.Event */
+static PyObject *lsn_type = NULL;       /* walex.lsn.LSN */
+static PyObject *no_toast = NULL;       /* frozenset() */
+static PyObject *s_insert = NULL, *s_update = NULL, *s_delete = NULL;
+
+static PyObject *
+setup_events(PyObject *self, PyObject *args)
+{
+    PyObject *ev, *lsn, *empty;
+    if (!PyArg_ParseTuple(args, "OOO", &ev, &lsn, &empty))
+        return NULL;
+    if (!PyType_Check(ev) || !PyType_IsSubtype((PyTypeObject *)ev, &PyTuple_Type) ||
+        !PyType_Check(lsn) || !PyType_IsSubtype((PyTypeObject *)lsn, &PyLong_Type)) {
+        PyErr_SetString(PyExc_TypeError, "event must be a tuple subclass, lsn an int subclass");
+        return NULL;
+    }
+    Py_INCREF(ev); Py_XDECREF(event_type); event_type = ev;
+    Py_INCREF(lsn); Py_XDECREF(lsn_type); lsn_type = lsn;
+    Py_INCREF(empty); Py_XDECREF(no_toast); no_toast = empty;
+    if (s_insert == NULL) {
+        s_insert = PyUnicode_InternFromString("insert");
+        s_update = PyUnicode_InternFromString("update");
+        s_delete = PyUnicode_InternFromString("delete");
+        if (!s_insert || !s_update || !s_delete)
+            return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* Read one tuple into a new list of bytes/None. Returns NULL with no error
+ * set when the row is not for the fast path (or malformed). */
+static PyObject *
+fast_values(const unsigned char *buf, Py_ssize_t len, Py_ssize_t *ppos, Py_ssize_t ncols_expected,
+            int *binary)
+{
+    Py_ssize_t pos = *ppos;
+    if (pos + 2 > len)
+        return NULL;
+    int ncols = (int16_t)(((uint16_t)buf[pos] << 8) | buf[pos + 1]);
+    if (ncols != ncols_expected)
+        return NULL;
+    pos += 2;
+    PyObject *values = PyList_New(ncols);
+    if (values == NULL)
+        return NULL;
+    long nbin = 0, ntext = 0;
+    for (int i = 0; i < ncols; i++) {
+        if (pos >= len)
+            goto no;
+        unsigned char kind = buf[pos];
+        PyObject *item;
+        if (kind == 't' || kind == 'b') {
+            if (pos + 5 > len)
+                goto no;
+            int32_t size = read_i32(buf + pos + 1);
+            pos += 5;
+            if (size < 0 || pos + size > len)
+                goto no;
+            item = PyBytes_FromStringAndSize((const char *)buf + pos, size);
+            if (item == NULL)
+                goto no;
+            pos += size;
+            if (kind == 't') ntext++; else nbin++;
+        }
+        else if (kind == 'n') {
+            item = Py_None;
+            Py_INCREF(item);
+            pos += 1;
+        }
+        else
+            goto no;    /* 'u' (unchanged TOAST) or garbage: the Python path */
+        PyList_SET_ITEM(values, i, item);
+    }
+    if (nbin && ntext)
+        goto no;
+    *binary = nbin > 0;
+    *ppos = pos;
+    return values;
+no:
+    Py_DECREF(values);
+    PyErr_Clear();
+    return NULL;
+}
+
+/* load_sequence + dict: NULL with no error set when a loader refused. */
+static PyObject *
+fast_record(PyObject *values, int binary, PyObject *names, PyObject *load_text,
+            PyObject *load_binary)
+{
+    PyObject *row = PyObject_CallOneArg(binary ? load_binary : load_text, values);
+    if (row == NULL) {
+        PyErr_Clear();  /* the Python path loads it value by value */
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(row, "load_sequence returned no sequence");
+    Py_DECREF(row);
+    if (seq == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n != PyTuple_GET_SIZE(names)) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    PyObject *rec = PyDict_New();
+    if (rec == NULL) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (PyDict_SetItem(rec, PyTuple_GET_ITEM(names, i), items[i]) < 0) {
+            Py_DECREF(seq);
+            Py_DECREF(rec);
+            PyErr_Clear();
+            return NULL;
+        }
+    }
+    Py_DECREF(seq);
+    return rec;
+}
+
+/* row_event(frame, fast_map, txn, seq) -> Event | None
+ * fast_map: {relation oid: (names tuple, load_text, load_binary, source)} */
+static PyObject *
+row_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "row_event(frame, fast_map, txn, seq)");
+        return NULL;
+    }
+    PyObject *frame = args[0], *fast_map = args[1], *txn = args[2], *seq = args[3];
+    if (event_type == NULL || !PyBytes_Check(frame) || !PyDict_Check(fast_map))
+        Py_RETURN_NONE;
+    const unsigned char *buf = (const unsigned char *)PyBytes_AS_STRING(frame);
+    Py_ssize_t len = PyBytes_GET_SIZE(frame);
+    if (len < 31 || buf[0] != 'w')
+        Py_RETURN_NONE;
+    unsigned char tag = buf[25];
+    if (tag != 'I' && tag != 'U' && tag != 'D')
+        Py_RETURN_NONE;
+    uint64_t lsn = 0;
+    for (int i = 1; i < 9; i++)
+        lsn = (lsn << 8) | buf[i];
+    uint32_t relid = ((uint32_t)buf[26] << 24) | ((uint32_t)buf[27] << 16) |
+                     ((uint32_t)buf[28] << 8) | (uint32_t)buf[29];
+    PyObject *key = PyLong_FromUnsignedLong(relid);
+    if (key == NULL)
+        return NULL;
+    PyObject *fast = PyDict_GetItemWithError(fast_map, key);  /* borrowed */
+    Py_DECREF(key);
+    if (fast == NULL) {
+        if (PyErr_Occurred())
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    if (!PyTuple_Check(fast) || PyTuple_GET_SIZE(fast) != 4)
+        Py_RETURN_NONE;
+    PyObject *names = PyTuple_GET_ITEM(fast, 0);
+    PyObject *load_text = PyTuple_GET_ITEM(fast, 1);
+    PyObject *load_binary = PyTuple_GET_ITEM(fast, 2);
+    PyObject *source = PyTuple_GET_ITEM(fast, 3);
+    if (!PyTuple_Check(names))
+        Py_RETURN_NONE;
+    Py_ssize_t ncols = PyTuple_GET_SIZE(names);
+
+    Py_ssize_t pos = 30;
+    PyObject *old_rec = NULL, *new_rec = NULL, *kind;
+    int binary = 0;
+    unsigned char marker = buf[pos];
+    if (tag == 'I') {
+        kind = s_insert;
+        if (marker != 'N')
+            Py_RETURN_NONE;
+    }
+    else if (tag == 'U') {
+        kind = s_update;
+        if (marker == 'K')
+            Py_RETURN_NONE;     /* key columns only: the Python path */
+    }
+    else {
+        kind = s_delete;
+        if (marker != 'O')
+            Py_RETURN_NONE;
+    }
+    if (marker == 'O') {
+        pos += 1;
+        PyObject *vals = fast_values(buf, len, &pos, ncols, &binary);
+        if (vals == NULL)
+            Py_RETURN_NONE;
+        old_rec = fast_record(vals, binary, names, load_text, load_binary);
+        Py_DECREF(vals);
+        if (old_rec == NULL)
+            Py_RETURN_NONE;
+        if (tag == 'U') {
+            if (pos >= len || buf[pos] != 'N') {
+                Py_DECREF(old_rec);
+                Py_RETURN_NONE;
+            }
+        }
+    }
+    if (tag != 'D') {
+        pos += 1;   /* the 'N' */
+        PyObject *vals = fast_values(buf, len, &pos, ncols, &binary);
+        if (vals == NULL) {
+            Py_XDECREF(old_rec);
+            Py_RETURN_NONE;
+        }
+        new_rec = fast_record(vals, binary, names, load_text, load_binary);
+        Py_DECREF(vals);
+        if (new_rec == NULL) {
+            Py_XDECREF(old_rec);
+            Py_RETURN_NONE;
+        }
+    }
+    if (pos != len) {   /* trailing bytes: let the Python path complain */
+        Py_XDECREF(old_rec);
+        Py_XDECREF(new_rec);
+        Py_RETURN_NONE;
+    }
+
+    PyObject *lsn_int = PyLong_FromUnsignedLongLong(lsn);
+    if (lsn_int == NULL)
+        goto error;
+    PyObject *lsn_args = PyTuple_Pack(1, lsn_int);
+    Py_DECREF(lsn_int);
+    if (lsn_args == NULL)
+        goto error;
+    /* int.__new__(LSN, value): what stream.py does, no range check needed. */
+    PyObject *lsn_obj = PyLong_Type.tp_new((PyTypeObject *)lsn_type, lsn_args, NULL);
+    Py_DECREF(lsn_args);
+    if (lsn_obj == NULL)
+        goto error;
+
+    PyObject *fields = PyTuple_New(14);
+    if (fields == NULL) {
+        Py_DECREF(lsn_obj);
+        goto error;
+    }
+    Py_INCREF(kind); PyTuple_SET_ITEM(fields, 0, kind);
+    Py_INCREF(source); PyTuple_SET_ITEM(fields, 1, source);
+    if (new_rec == NULL) { Py_INCREF(Py_None); new_rec = Py_None; }
+    PyTuple_SET_ITEM(fields, 2, new_rec);
+    if (old_rec == NULL) { Py_INCREF(Py_None); old_rec = Py_None; }
+    PyTuple_SET_ITEM(fields, 3, old_rec);
+    Py_INCREF(no_toast); PyTuple_SET_ITEM(fields, 4, no_toast);
+    PyTuple_SET_ITEM(fields, 5, lsn_obj);
+    Py_INCREF(seq); PyTuple_SET_ITEM(fields, 6, seq);
+    Py_INCREF(txn); PyTuple_SET_ITEM(fields, 7, txn);
+    Py_INCREF(Py_None); PyTuple_SET_ITEM(fields, 8, Py_None);
+    Py_INCREF(Py_None); PyTuple_SET_ITEM(fields, 9, Py_None);
+    Py_INCREF(Py_None); PyTuple_SET_ITEM(fields, 10, Py_None);
+    PyObject *empty = PyTuple_New(0);
+    if (empty == NULL) { Py_DECREF(fields); return NULL; }
+    PyTuple_SET_ITEM(fields, 11, empty);
+    Py_INCREF(Py_False); PyTuple_SET_ITEM(fields, 12, Py_False);
+    Py_INCREF(Py_False); PyTuple_SET_ITEM(fields, 13, Py_False);
+    PyObject *targs = PyTuple_Pack(1, fields);
+    Py_DECREF(fields);
+    if (targs == NULL)
+        return NULL;
+    PyObject *event = PyTuple_Type.tp_new((PyTypeObject *)event_type, targs, NULL);
+    Py_DECREF(targs);
+    return event;
+
+error:
+    Py_XDECREF(old_rec);
+    Py_XDECREF(new_rec);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
+    {"setup_events", setup_events, METH_VARARGS, "setup_events(Event, LSN, frozenset())"},
+    {"row_event", (PyCFunction)(void (*)(void))row_event, METH_FASTCALL,
+     "row_event(frame, fast_map, txn, seq) -> Event | None: a row change, when simple."},
     {"setup_json", setup_json, METH_VARARGS, "setup_json(orjson_loads, orjson_error, json_loads)"},
     {"json_loads", json_loads, METH_O,
      "json_loads(data): orjson where exact, else the standard library."},
