@@ -105,9 +105,9 @@ try:
     from .pgoutput import _speedups
 
     _speedups.setup_events(Event, LSN, frozenset())
-    _row_event_fast = _speedups.row_event
+    _row_events_fast = _speedups.row_events
 except ImportError:  # pragma: no cover - built where a C compiler is available
-    _row_event_fast = None  # type: ignore[assignment]
+    _row_events_fast = None  # type: ignore[assignment]
 _new_lsn = int.__new__  # LSN(x) without the range check: the server's positions are valid
 
 # SQLSTATEs the server uses for a slot held by another process, a missing
@@ -852,6 +852,40 @@ class Stream:
         ready = self._ready
         header = _XLOG_HEADER.unpack_from
         while frames and not ready and self._replay is None:
+            txn = self._txn
+            if (
+                txn is not None
+                and _row_events_fast is not None
+                and self._stream_spool is None
+                and self._prepare_spool is None
+            ):
+                # A run of plain row changes, frame to event, all in C.
+                taken, self._batch_bytes, lsn, wal_end, clock = _row_events_fast(
+                    frames,
+                    self._fast,
+                    txn,
+                    self._seq,
+                    self._events,
+                    self.max_batch_events,
+                    self.max_batch_bytes,
+                    self._batch_bytes,
+                )
+                if taken:
+                    self._seq += taken
+                    self._clock = clock
+                    if wal_end > self._server_wal_end:
+                        self._server_wal_end = wal_end
+                    if lsn > self._received:
+                        self._received = lsn
+                    events = self._events
+                    if (
+                        len(events) >= self.max_batch_events
+                        or self._batch_bytes >= self.max_batch_bytes
+                    ):
+                        ready.append(Batch(txn, events, False))
+                        self._events = []
+                        self._batch_bytes = 0
+                    continue
             frame = frames.popleft()
             tag = frame[0]
             if tag == _W:
@@ -875,22 +909,6 @@ class Stream:
                     else:
                         self._prepare_spool.write(lsn, frame[25:])
                     continue
-                txn = self._txn
-                if txn is not None and _row_event_fast is not None:
-                    # The common case, frame to event in C; None: not so common.
-                    event = _row_event_fast(frame, self._fast, txn, self._seq)
-                    if event is not None:
-                        events = self._events
-                        events.append(event)
-                        self._seq += 1
-                        if (
-                            len(events) >= self.max_batch_events
-                            or self._batch_bytes >= self.max_batch_bytes
-                        ):
-                            ready.append(Batch(txn, events, False))
-                            self._events = []
-                            self._batch_bytes = 0
-                        continue
                 if frame[25] == _INSERT_TAG:
                     # The common case, without the general dispatch.
                     try:

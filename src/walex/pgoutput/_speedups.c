@@ -341,16 +341,11 @@ fast_record(PyObject *values, int binary, PyObject *names, PyObject *load_text,
     return rec;
 }
 
-/* row_event(frame, fast_map, txn, seq) -> Event | None
- * fast_map: {relation oid: (names tuple, load_text, load_binary, source)} */
+/* The event of one frame, a new reference; Py_None (new reference) when the
+ * frame is not for the fast path; NULL on a real error (memory). */
 static PyObject *
-row_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+frame_event(PyObject *frame, PyObject *fast_map, PyObject *txn, PyObject *seq)
 {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "row_event(frame, fast_map, txn, seq)");
-        return NULL;
-    }
-    PyObject *frame = args[0], *fast_map = args[1], *txn = args[2], *seq = args[3];
     if (event_type == NULL || !PyBytes_Check(frame) || !PyDict_Check(fast_map))
         Py_RETURN_NONE;
     const unsigned char *buf = (const unsigned char *)PyBytes_AS_STRING(frame);
@@ -490,8 +485,105 @@ error:
     return NULL;
 }
 
+/* row_event(frame, fast_map, txn, seq) -> Event | None
+ * fast_map: {relation oid: (names tuple, load_text, load_binary, source)} */
+static PyObject *
+row_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "row_event(frame, fast_map, txn, seq)");
+        return NULL;
+    }
+    return frame_event(args[0], args[1], args[2], args[3]);
+}
+
+static PyObject *s_popleft = NULL;
+
+/* row_events(frames, fast_map, txn, seq, events, max_events, max_bytes, batch_bytes)
+ *   -> (taken, batch_bytes, max_lsn, max_wal_end, last_clock)
+ * Takes frames from the front of the deque *frames* while each is a row
+ * change for the fast path, appending its event to *events*; stops at the
+ * first other frame (left in the deque) or when the batch is full
+ * (len(events) >= max_events or batch_bytes >= max_bytes). */
+static PyObject *
+row_events(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError,
+            "row_events(frames, fast_map, txn, seq, events, max_events, max_bytes, batch_bytes)");
+        return NULL;
+    }
+    PyObject *frames = args[0], *fast_map = args[1], *txn = args[2], *events = args[4];
+    long long seq = PyLong_AsLongLong(args[3]);
+    Py_ssize_t max_events = PyLong_AsSsize_t(args[5]);
+    long long max_bytes = PyLong_AsLongLong(args[6]);
+    long long batch_bytes = PyLong_AsLongLong(args[7]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (!PyList_Check(events)) {
+        PyErr_SetString(PyExc_TypeError, "events must be a list");
+        return NULL;
+    }
+    if (s_popleft == NULL && (s_popleft = PyUnicode_InternFromString("popleft")) == NULL)
+        return NULL;
+    long taken = 0;
+    uint64_t max_lsn = 0, max_end = 0;
+    int64_t clock = 0;
+    while (PyList_GET_SIZE(events) < max_events && batch_bytes < max_bytes) {
+        Py_ssize_t n = PyObject_Length(frames);
+        if (n < 0)
+            return NULL;
+        if (n == 0)
+            break;
+        PyObject *frame = PySequence_GetItem(frames, 0);
+        if (frame == NULL)
+            return NULL;
+        PyObject *seq_obj = PyLong_FromLongLong(seq);
+        if (seq_obj == NULL) {
+            Py_DECREF(frame);
+            return NULL;
+        }
+        PyObject *event = frame_event(frame, fast_map, txn, seq_obj);
+        Py_DECREF(seq_obj);
+        if (event == NULL) {
+            Py_DECREF(frame);
+            return NULL;
+        }
+        if (event == Py_None) {
+            Py_DECREF(event);
+            Py_DECREF(frame);
+            break;
+        }
+        const unsigned char *buf = (const unsigned char *)PyBytes_AS_STRING(frame);
+        uint64_t lsn = 0, end = 0, clk = 0;
+        for (int i = 1; i < 9; i++) lsn = (lsn << 8) | buf[i];
+        for (int i = 9; i < 17; i++) end = (end << 8) | buf[i];
+        for (int i = 17; i < 25; i++) clk = (clk << 8) | buf[i];
+        batch_bytes += PyBytes_GET_SIZE(frame);
+        Py_DECREF(frame);
+        if (PyList_Append(events, event) < 0) {
+            Py_DECREF(event);
+            return NULL;
+        }
+        Py_DECREF(event);
+        PyObject *gone = PyObject_CallMethodNoArgs(frames, s_popleft);
+        if (gone == NULL)
+            return NULL;
+        Py_DECREF(gone);
+        if (lsn > max_lsn) max_lsn = lsn;
+        if (end > max_end) max_end = end;
+        clock = (int64_t)clk;
+        seq++;
+        taken++;
+    }
+    return Py_BuildValue("(lLKKL)", taken, batch_bytes, (unsigned long long)max_lsn,
+                         (unsigned long long)max_end, (long long)clock);
+}
+
 static PyMethodDef methods[] = {
     {"setup_events", setup_events, METH_VARARGS, "setup_events(Event, LSN, frozenset())"},
+    {"row_events", (PyCFunction)(void (*)(void))row_events, METH_FASTCALL,
+     "row_events(frames, fast_map, txn, seq, events, max_events, max_bytes, batch_bytes)"},
     {"row_event", (PyCFunction)(void (*)(void))row_event, METH_FASTCALL,
      "row_event(frame, fast_map, txn, seq) -> Event | None: a row change, when simple."},
     {"setup_json", setup_json, METH_VARARGS, "setup_json(orjson_loads, orjson_error, json_loads)"},
