@@ -54,7 +54,7 @@ from .errors import (
 )
 from .events import Batch, Event, Source, Transaction
 from .lsn import LSN
-from .pgoutput.decoder import decode, decode_insert
+from .pgoutput.decoder import decode
 from .pgoutput.messages import (
     Begin,
     BeginPrepare,
@@ -96,7 +96,6 @@ _PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 _W, _K = ord("w"), ord("k")
 _STREAM_STOP, _PREPARE = ord("E"), ord("P")
 _RELATION_TAG = ord("R")
-_INSERT_TAG = ord("I")
 _XLOG_HEADER = struct.Struct(">QQq")
 _SPOOL_RECORD = struct.Struct(">QI")
 _NO_TOAST: frozenset[str] = frozenset()
@@ -909,27 +908,12 @@ class Stream:
                     else:
                         self._prepare_spool.write(lsn, frame[25:])
                     continue
-                if frame[25] == _INSERT_TAG:
-                    # The common case, without the general dispatch.
-                    try:
-                        insert = decode_insert(frame, 26, None)
-                    except DecodeError as exc:
-                        raise DecodeError(str(exc), LSN(lsn)) from exc
-                    except (struct.error, IndexError, ValueError) as exc:
-                        raise DecodeError(f"malformed insert message ({exc})", LSN(lsn)) from exc
-                    self._on_insert(insert, lsn)
-                    continue
                 msg = self._decode(frame, lsn, False, 25)
-                t = type(msg)
-                if t is Insert:
-                    self._on_insert(msg, lsn)  # type: ignore[arg-type]
-                elif t is Update:
-                    self._on_update(msg, lsn)  # type: ignore[arg-type]
-                elif t is Delete:
-                    self._on_delete(msg, lsn)  # type: ignore[arg-type]
-                elif t is Relation:
+                if self._on_change(msg, lsn):
+                    continue
+                if type(msg) is Relation:
                     try:
-                        await self._on_relation(msg)  # type: ignore[arg-type]
+                        await self._on_relation(msg)
                     except BaseException:
                         # Cancelled (or failed) mid-lookup: read it again next time.
                         frames.appendleft(frame)
@@ -989,6 +973,23 @@ class Stream:
             self._ready.append(Batch(self._txn, events, False))
             self._events = []
             self._batch_bytes = 0
+
+    def _on_change(self, msg: Message, lsn: int) -> bool:
+        """Handle a row change, truncate or logical message; False for others."""
+        t = type(msg)
+        if t is Insert:
+            self._on_insert(msg, lsn)  # type: ignore[arg-type]
+        elif t is Update:
+            self._on_update(msg, lsn)  # type: ignore[arg-type]
+        elif t is Delete:
+            self._on_delete(msg, lsn)  # type: ignore[arg-type]
+        elif t is Truncate:
+            self._on_truncate(msg, lsn)  # type: ignore[arg-type]
+        elif t is LogicalMessage:
+            self._on_message(msg, lsn)  # type: ignore[arg-type]
+        else:
+            return False
+        return True
 
     def _no_txn(self, lsn: int) -> DecodeError:
         return DecodeError("a change outside a transaction", LSN(lsn))
@@ -1149,10 +1150,6 @@ class Stream:
             self._begin(Transaction(m.xid, m.final_lsn, _timestamp(m.commit_ts)))
         elif t is Commit:
             self._end(msg.end_lsn)  # type: ignore[union-attr]
-        elif t is Truncate:
-            self._on_truncate(msg, lsn)  # type: ignore[arg-type]
-        elif t is LogicalMessage:
-            self._on_message(msg, lsn)  # type: ignore[arg-type]
         elif t is Origin:
             if self._txn is not None and not self._seq:
                 txn = self._txn
@@ -1262,12 +1259,8 @@ class Stream:
             if in_stream and xid is not None and xid in spool.aborted:
                 continue
             t = type(msg)
-            if t is Insert:
-                self._on_insert(msg, lsn)  # type: ignore[arg-type]
-            elif t is Update:
-                self._on_update(msg, lsn)  # type: ignore[arg-type]
-            elif t is Delete:
-                self._on_delete(msg, lsn)  # type: ignore[arg-type]
+            if self._on_change(msg, lsn):
+                pass
             elif t is Relation:
                 if in_stream and not spool.relations_applied:
                     try:
@@ -1275,10 +1268,6 @@ class Stream:
                     except BaseException:
                         replay.pushed_back.append((lsn, payload))
                         raise
-            elif t is Truncate:
-                self._on_truncate(msg, lsn)  # type: ignore[arg-type]
-            elif t is LogicalMessage:
-                self._on_message(msg, lsn)  # type: ignore[arg-type]
             elif t in (Type, Origin):
                 pass
             else:

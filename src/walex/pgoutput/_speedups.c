@@ -44,12 +44,79 @@ read_i32(const unsigned char *p)
                      ((uint32_t)p[2] << 8) | (uint32_t)p[3]);
 }
 
+/* Parse one TupleData at *ppos into a new list: bytes for 't'/'b' values,
+ * None for 'n', the TOAST marker for 'u' (or, when !allow_toast, fail).
+ * Counts the kinds. Returns NULL with DecodeError set on malformed data. */
+static PyObject *
+parse_values(const unsigned char *buf, Py_ssize_t len, Py_ssize_t *ppos, int allow_toast,
+             long *nbin, long *ntext, long *ntoast)
+{
+    Py_ssize_t pos = *ppos;
+    if (pos < 0 || pos + 2 > len)
+        return fail("tuple data runs past the end of the message");
+    int ncols = (int16_t)(((uint16_t)buf[pos] << 8) | buf[pos + 1]);
+    if (ncols < 0)
+        return fail("negative column count in tuple data");
+    pos += 2;
+    PyObject *values = PyList_New(ncols);
+    if (values == NULL)
+        return NULL;
+    *nbin = *ntext = *ntoast = 0;
+    for (int i = 0; i < ncols; i++) {
+        if (pos >= len)
+            goto short_data;
+        unsigned char kind = buf[pos];
+        PyObject *item;
+        if (kind == 't' || kind == 'b') {
+            if (pos + 5 > len)
+                goto short_data;
+            int32_t size = read_i32(buf + pos + 1);
+            pos += 5;
+            if (size < 0 || pos + size > len)
+                goto short_data;
+            item = PyBytes_FromStringAndSize((const char *)buf + pos, size);
+            if (item == NULL) {
+                Py_DECREF(values);
+                return NULL;
+            }
+            pos += size;
+            if (kind == 't') (*ntext)++; else (*nbin)++;
+        }
+        else if (kind == 'n') {
+            item = Py_None;
+            Py_INCREF(item);
+            pos += 1;
+        }
+        else if (kind == 'u' && allow_toast) {
+            item = toast_marker;
+            Py_INCREF(item);
+            pos += 1;
+            (*ntoast)++;
+        }
+        else {
+            Py_DECREF(values);
+            PyObject *k = PyUnicode_FromOrdinal(kind);
+            if (k != NULL) {
+                PyErr_Format(decode_error ? decode_error : PyExc_ValueError,
+                             "unknown tuple value kind %R in column %d", k, i);
+                Py_DECREF(k);
+            }
+            return NULL;
+        }
+        PyList_SET_ITEM(values, i, item);
+    }
+    *ppos = pos;
+    return values;
+short_data:
+    Py_DECREF(values);
+    return fail("tuple data runs past the end of the message");
+}
+
 /* read_tuple(data: bytes, pos: int) -> (TupleData, newpos) */
 static PyObject *
 read_tuple(PyObject *self, PyObject *args)
 {
-    const unsigned char *buf;
-    Py_ssize_t len, pos;
+    Py_ssize_t pos;
     PyObject *data;
 
     if (!PyArg_ParseTuple(args, "On", &data, &pos))
@@ -60,71 +127,18 @@ read_tuple(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_TypeError, "data must be bytes");
         return NULL;
     }
-    buf = (const unsigned char *)PyBytes_AS_STRING(data);
-    len = PyBytes_GET_SIZE(data);
-    if (pos < 0 || pos + 2 > len)
-        return fail("tuple data runs past the end of the message");
-
-    int ncols = (int16_t)(((uint16_t)buf[pos] << 8) | buf[pos + 1]);
-    if (ncols < 0)
-        return fail("negative column count in tuple data");
+    const unsigned char *buf = (const unsigned char *)PyBytes_AS_STRING(data);
+    Py_ssize_t len = PyBytes_GET_SIZE(data);
     Py_ssize_t start = pos + 2;
-    pos = start;
-
-    PyObject *values = PyList_New(ncols);
+    long nbin, ntext, ntoast;
+    PyObject *values = parse_values(buf, len, &pos, 1, &nbin, &ntext, &ntoast);
     if (values == NULL)
         return NULL;
-    long nbin = 0, ntext = 0, ntoast = 0;
-
-    for (int i = 0; i < ncols; i++) {
-        if (pos >= len) {
-            Py_DECREF(values);
-            return fail("tuple data runs past the end of the message");
-        }
-        unsigned char kind = buf[pos];
-        PyObject *item;
-        if (kind == 't' || kind == 'b') {
-            if (pos + 5 > len) {
-                Py_DECREF(values);
-                return fail("tuple data runs past the end of the message");
-            }
-            int32_t size = read_i32(buf + pos + 1);
-            pos += 5;
-            if (size < 0 || pos + size > len) {
-                Py_DECREF(values);
-                return fail("tuple data runs past the end of the message");
-            }
-            item = PyBytes_FromStringAndSize((const char *)buf + pos, size);
-            if (item == NULL) {
-                Py_DECREF(values);
-                return NULL;
-            }
-            pos += size;
-            if (kind == 't') ntext++; else nbin++;
-        }
-        else if (kind == 'n') {
-            item = Py_None;
-            Py_INCREF(item);
-            pos += 1;
-        }
-        else if (kind == 'u') {
-            item = toast_marker;
-            Py_INCREF(item);
-            pos += 1;
-            ntoast++;
-        }
-        else {
-            Py_DECREF(values);
-            PyErr_Format(decode_error ? decode_error : PyExc_ValueError,
-                         "unknown tuple value kind %R in column %d",
-                         PyUnicode_FromOrdinal(kind), i);
-            return NULL;
-        }
-        PyList_SET_ITEM(values, i, item);
-    }
+    Py_ssize_t ncols = PyList_GET_SIZE(values);
 
     PyObject *kinds;
     if (nbin && ntext) {
+        /* Rare: a row mixing text and binary values; note each column's kind. */
         kinds = PyBytes_FromStringAndSize(NULL, ncols);
         if (kinds == NULL) {
             Py_DECREF(values);
@@ -132,7 +146,7 @@ read_tuple(PyObject *self, PyObject *args)
         }
         char *out = PyBytes_AS_STRING(kinds);
         Py_ssize_t p = start;
-        for (int i = 0; i < ncols; i++) {
+        for (Py_ssize_t i = 0; i < ncols; i++) {
             unsigned char kind = buf[p];
             out[i] = (char)kind;
             p += (kind == 't' || kind == 'b') ? 5 + read_i32(buf + p + 1) : 1;
@@ -247,59 +261,25 @@ setup_events(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* Read one tuple into a new list of bytes/None. Returns NULL with no error
- * set when the row is not for the fast path (or malformed). */
+/* One tuple for the fast path: a new list, or NULL with no error set when
+ * the row is not for it (TOAST, mixed formats, a column count that differs
+ * from the relation's, malformed data: the Python path decides). */
 static PyObject *
 fast_values(const unsigned char *buf, Py_ssize_t len, Py_ssize_t *ppos, Py_ssize_t ncols_expected,
             int *binary)
 {
-    Py_ssize_t pos = *ppos;
-    if (pos + 2 > len)
+    long nbin, ntext, ntoast;
+    PyObject *values = parse_values(buf, len, ppos, 0, &nbin, &ntext, &ntoast);
+    if (values == NULL) {
+        PyErr_Clear();
         return NULL;
-    int ncols = (int16_t)(((uint16_t)buf[pos] << 8) | buf[pos + 1]);
-    if (ncols != ncols_expected)
-        return NULL;
-    pos += 2;
-    PyObject *values = PyList_New(ncols);
-    if (values == NULL)
-        return NULL;
-    long nbin = 0, ntext = 0;
-    for (int i = 0; i < ncols; i++) {
-        if (pos >= len)
-            goto no;
-        unsigned char kind = buf[pos];
-        PyObject *item;
-        if (kind == 't' || kind == 'b') {
-            if (pos + 5 > len)
-                goto no;
-            int32_t size = read_i32(buf + pos + 1);
-            pos += 5;
-            if (size < 0 || pos + size > len)
-                goto no;
-            item = PyBytes_FromStringAndSize((const char *)buf + pos, size);
-            if (item == NULL)
-                goto no;
-            pos += size;
-            if (kind == 't') ntext++; else nbin++;
-        }
-        else if (kind == 'n') {
-            item = Py_None;
-            Py_INCREF(item);
-            pos += 1;
-        }
-        else
-            goto no;    /* 'u' (unchanged TOAST) or garbage: the Python path */
-        PyList_SET_ITEM(values, i, item);
     }
-    if (nbin && ntext)
-        goto no;
+    if (PyList_GET_SIZE(values) != ncols_expected || (nbin && ntext)) {
+        Py_DECREF(values);
+        return NULL;
+    }
     *binary = nbin > 0;
-    *ppos = pos;
     return values;
-no:
-    Py_DECREF(values);
-    PyErr_Clear();
-    return NULL;
 }
 
 /* load_sequence + dict: NULL with no error set when a loader refused. */
@@ -597,7 +577,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "walex.pgoutput._speedups",
-    "The decoder's hot loop in C (optional).", -1, methods,
+    "The decoder's hot loop in C (optional).", -1, methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC

@@ -40,7 +40,7 @@ from .messages import (
     _UnchangedToast,
 )
 
-__all__ = ["Decoder", "decode", "decode_insert", "read_tuple"]
+__all__ = ["Decoder", "decode", "read_tuple"]
 
 _u8 = struct.Struct(">B").unpack_from
 _i16 = struct.Struct(">h").unpack_from
@@ -152,9 +152,6 @@ def _insert(data: bytes, pos: int, xid: int | None) -> Insert:
     tup, pos = read_tuple(data, pos + 5)
     _end(data, pos)
     return _tnew(Insert, (xid, relid, tup))
-
-
-decode_insert = _insert  # the hot path's shortcut: (data, position after the tag, xid)
 
 
 def _update(data: bytes, pos: int, xid: int | None) -> Update:
