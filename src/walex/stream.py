@@ -325,7 +325,7 @@ class Stream:
         self._facts: ServerFacts | None = None
         self.protocol_version = 0
         self._relations: dict[int, RelationCodec] = {}
-        # What the C fast path needs of each table (see _speedups.row_event).
+        # What the C fast path needs of each table (see _speedups.row_events).
         self._fast: dict[int, tuple[Any, ...]] = {}
         self._type_names: dict[tuple[int, int], str] = {}
 
@@ -335,7 +335,6 @@ class Stream:
         self._txn: Transaction | None = None
         self._events: list[Event] = []
         self._seq = 0
-        self._in_stream = False
         self._stream_spool: _Spool | None = None
         self._spools: dict[int, _Spool] = {}
         self._prepare_spool: _Spool | None = None
@@ -684,7 +683,6 @@ class Stream:
         self._ready.clear()
         self._txn = None
         self._events = []
-        self._in_stream = False
         self._drop_spools()
         self._failures += 1
         delay = 0.5
@@ -876,14 +874,7 @@ class Stream:
                         self._server_wal_end = wal_end
                     if lsn > self._received:
                         self._received = lsn
-                    events = self._events
-                    if (
-                        len(events) >= self.max_batch_events
-                        or self._batch_bytes >= self.max_batch_bytes
-                    ):
-                        ready.append(Batch(txn, events, False))
-                        self._events = []
-                        self._batch_bytes = 0
+                    self._cut_if_full(txn)
                     continue
             frame = frames.popleft()
             tag = frame[0]
@@ -898,7 +889,6 @@ class Stream:
                 if self._stream_spool is not None:
                     if frame[25] == _STREAM_STOP:
                         self._stream_spool = None
-                        self._in_stream = False
                     else:
                         self._stream_spool.write(lsn, frame[25:])
                     continue
@@ -965,12 +955,15 @@ class Stream:
             ) from None
 
     def _push(self, event: Event) -> None:
-        events = self._events
-        events.append(event)
+        self._events.append(event)
         self._seq += 1
-        if len(events) >= self.max_batch_events or self._batch_bytes >= self.max_batch_bytes:
-            assert self._txn is not None
-            self._ready.append(Batch(self._txn, events, False))
+        assert self._txn is not None
+        self._cut_if_full(self._txn)
+
+    def _cut_if_full(self, txn: Transaction) -> None:
+        """Hand on the batch being built once it holds enough events or bytes."""
+        if len(self._events) >= self.max_batch_events or self._batch_bytes >= self.max_batch_bytes:
+            self._ready.append(Batch(txn, self._events, False))
             self._events = []
             self._batch_bytes = 0
 
@@ -998,17 +991,9 @@ class Stream:
         txn = self._txn
         if txn is None:
             raise self._no_txn(lsn)
-        codec = self._relations.get(msg.relation_oid)
-        if codec is None:
-            codec = self._codec(msg.relation_oid, lsn)
+        codec = self._codec(msg.relation_oid, lsn)
         new, toast = codec.load(msg.new)
-        events = self._events
-        events.append(_row_event("insert", codec.source, new, None, toast, lsn, self._seq, txn))
-        self._seq += 1
-        if len(events) >= self.max_batch_events or self._batch_bytes >= self.max_batch_bytes:
-            self._ready.append(Batch(txn, events, False))
-            self._events = []
-            self._batch_bytes = 0
+        self._push(_row_event("insert", codec.source, new, None, toast, lsn, self._seq, txn))
 
     def _on_update(self, msg: Update, lsn: int) -> None:
         txn = self._txn
@@ -1168,10 +1153,8 @@ class Stream:
             if spool is None:
                 spool = self._spools[m.xid] = _Spool(self._spool_dir, in_stream=True)
             self._stream_spool = spool
-            self._in_stream = True
         elif t is StreamStop:
             self._stream_spool = None
-            self._in_stream = False
         elif t is StreamCommit:
             m = msg
             spool = self._spools.pop(m.xid, None)
