@@ -292,7 +292,7 @@ def test_c_fast_path_never_crashes_on_damaged_frames(msg: bytes, data: st.DataOb
     relid = struct.unpack_from(">I", msg, 1)[0]
     ncols = data.draw(st.integers(0, 10))
     names = tuple(f"c{i}" for i in range(ncols))
-    fast_map = {relid: (names, tuple, tuple, None)}
+    fast_map = {relid: (names, tuple, tuple, None, dict.fromkeys(names))}
     cut = data.draw(st.integers(0, len(msg)))
     damaged = bytearray(msg[:cut])
     pos = data.draw(st.integers(0, max(0, len(damaged) - 1)))

@@ -84,12 +84,16 @@ try:
 except ImportError:  # pragma: no cover - built where a C compiler is available
     _speedups = None  # type: ignore[assignment]
 
-if _speedups is not None and _orjson is not None:
-    _speedups.setup_json(_orjson.loads, _orjson.JSONDecodeError, json.loads)
+if _speedups is not None:
+    if _orjson is not None:
+        _speedups.setup_json(_orjson.loads, _orjson.JSONDecodeError, json.loads)
+    else:  # pragma: no cover - the test extra installs orjson
+        _speedups.setup_json(None, None, json.loads)
 
     class _FastJsonLoader(Loader):
-        """The same as :class:`_JsonLoader`, its check done in C: psycopg calls
-        ``load`` with bytes, so no Python frame is needed on the way."""
+        """The same answers as :class:`_JsonLoader`, from a JSON parser in C
+        that leaves what it does not handle to orjson and json.loads. psycopg
+        calls ``load`` with bytes, so no Python frame is needed on the way."""
 
         load = staticmethod(_speedups.json_loads)  # type: ignore[assignment]
 
@@ -328,8 +332,15 @@ class RelationCodec:
         self._load_binary = self._tx_binary.load_sequence
 
     def fast_path(self) -> tuple[Any, ...]:
-        """What the C fast path needs: names, the two loaders, the source."""
-        return (self.names, self._load_text, self._load_binary, self.source)
+        """What the C fast path needs: names, the two loaders, the source, and
+        the template each record dict is copied from."""
+        return (
+            self.names,
+            self._load_text,
+            self._load_binary,
+            self.source,
+            dict.fromkeys(self.names),
+        )
 
     def load(self, tup: TupleData) -> tuple[dict[str, Any], frozenset[str]]:
         """The record of a row, and the names of its unchanged TOAST columns."""

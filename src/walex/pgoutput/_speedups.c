@@ -175,9 +175,407 @@ read_tuple(PyObject *self, PyObject *args)
     return Py_BuildValue("(Nn)", tup, pos);
 }
 
-/* The JSON loader: orjson where it gives the same answer as the standard
- * library, json.loads where it would not (integers of 19 digits or more,
- * which orjson turns into floats; numbers it refuses). See values.py. */
+/* ---------------------------------------------------------------------
+ * A JSON parser for the text Postgres sends for json and jsonb.
+ *
+ * It builds exactly what json.loads builds (dict, list, str, int, float,
+ * True, False, None; an object's repeated key keeps its first place and its
+ * last value) for documents in the strict JSON grammar. It gives up — returns
+ * NULL with no error set — on anything else: a syntax error, an escape it
+ * does not handle (\u of a surrogate), bytes that are not UTF-8, NaN or
+ * Infinity, nesting deeper than JP_MAX_DEPTH, a failed allocation. The caller
+ * then asks the standard library, whose answer (or exception) stands.
+ * Numbers go through the same functions as json.loads: int() for integers
+ * (PyLong_FromString), float() for the rest (PyOS_string_to_double).
+ * --------------------------------------------------------------------- */
+#define JP_MAX_DEPTH 200
+
+typedef struct {
+    const unsigned char *p;
+    const unsigned char *end;
+    int depth;
+} jp_t;
+
+static PyObject *jp_value(jp_t *s);
+
+static inline void
+jp_ws(jp_t *s)
+{
+    while (s->p < s->end && (*s->p == ' ' || *s->p == '\n' || *s->p == '\r' || *s->p == '\t'))
+        s->p++;
+}
+
+static inline int
+jp_hex(unsigned char c)
+{
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+/* Object keys repeat from document to document: the str of a short key
+ * without escapes is kept in a small direct-mapped cache, found again by its
+ * bytes, so that it is neither decoded nor hashed again. */
+#define JP_KEYS 512
+#define JP_KEY_MAX 32
+static PyObject *jp_keys[JP_KEYS];
+
+/* A str of the UTF-8 bytes start[0:n]; NULL (error set) when not UTF-8. */
+static PyObject *
+jp_text(const unsigned char *start, Py_ssize_t n, int ascii)
+{
+    if (ascii && n > 1) {
+        PyObject *res = PyUnicode_New(n, 127);
+        if (res != NULL)
+            memcpy(PyUnicode_1BYTE_DATA(res), start, (size_t)n);
+        return res;
+    }
+    return PyUnicode_DecodeUTF8((const char *)start, n, NULL);
+}
+
+static PyObject *
+jp_key(const unsigned char *start, Py_ssize_t n, int ascii)
+{
+    if (n > JP_KEY_MAX)
+        return jp_text(start, n, ascii);
+    uint32_t h = 2166136261u;           /* FNV-1a */
+    for (Py_ssize_t i = 0; i < n; i++)
+        h = (h ^ start[i]) * 16777619u;
+    PyObject **slot = &jp_keys[h % JP_KEYS];
+    PyObject *hit = *slot;
+    if (hit != NULL && PyBytes_GET_SIZE(PyTuple_GET_ITEM(hit, 0)) == n &&
+        memcmp(PyBytes_AS_STRING(PyTuple_GET_ITEM(hit, 0)), start, (size_t)n) == 0) {
+        PyObject *key = PyTuple_GET_ITEM(hit, 1);
+        Py_INCREF(key);
+        return key;
+    }
+    PyObject *key = jp_text(start, n, ascii);
+    if (key == NULL || PyObject_Hash(key) == -1) {
+        Py_XDECREF(key);
+        return NULL;
+    }
+    PyObject *raw = PyBytes_FromStringAndSize((const char *)start, n);
+    PyObject *entry = raw == NULL ? NULL : PyTuple_Pack(2, raw, key);
+    Py_XDECREF(raw);
+    if (entry == NULL) {
+        Py_DECREF(key);
+        return NULL;
+    }
+    Py_XSETREF(*slot, entry);
+    return key;
+}
+
+/* The string whose opening quote is at s->p; *is_key*: an object's key. */
+static PyObject *
+jp_string(jp_t *s, int is_key)
+{
+    const unsigned char *start = s->p + 1, *q = start, *end = s->end;
+    int escaped = 0, ascii = 1;
+    for (;;) {
+        if (q >= end)
+            return NULL;
+        unsigned char c = *q;
+        if (c == '"')
+            break;
+        if (c < 0x20)
+            return NULL;            /* json.loads refuses raw control characters */
+        if (c == '\\') {
+            escaped = 1;
+            if (q + 1 >= end)
+                return NULL;
+            q += 2;                 /* the escaped character is never the end */
+            continue;
+        }
+        ascii &= c < 0x80;
+        q++;
+    }
+    PyObject *res;
+    if (!escaped) {
+        res = is_key ? jp_key(start, q - start, ascii) : jp_text(start, q - start, ascii);
+    }
+    else {
+        /* Unescaped, the text is never longer than escaped: \uXXXX (6 bytes)
+         * becomes at most 3 bytes of UTF-8, every other escape 1 byte. */
+        char *buf = PyMem_Malloc((size_t)(q - start) + 1);
+        if (buf == NULL)
+            return NULL;
+        char *o = buf;
+        for (const unsigned char *r = start; r < q; r++) {
+            if (*r != '\\') {
+                *o++ = (char)*r;
+                continue;
+            }
+            r++;
+            switch (*r) {
+            case '"': *o++ = '"'; break;
+            case '\\': *o++ = '\\'; break;
+            case '/': *o++ = '/'; break;
+            case 'b': *o++ = '\b'; break;
+            case 'f': *o++ = '\f'; break;
+            case 'n': *o++ = '\n'; break;
+            case 'r': *o++ = '\r'; break;
+            case 't': *o++ = '\t'; break;
+            case 'u': {
+                if (q - r < 5) { PyMem_Free(buf); return NULL; }
+                int cp = 0;
+                for (int k = 1; k <= 4; k++) {
+                    int h = jp_hex(r[k]);
+                    if (h < 0) { PyMem_Free(buf); return NULL; }
+                    cp = (cp << 4) | h;
+                }
+                if (cp >= 0xD800 && cp <= 0xDFFF) { PyMem_Free(buf); return NULL; }
+                if (cp < 0x80) {
+                    *o++ = (char)cp;
+                }
+                else if (cp < 0x800) {
+                    *o++ = (char)(0xC0 | (cp >> 6));
+                    *o++ = (char)(0x80 | (cp & 0x3F));
+                }
+                else {
+                    *o++ = (char)(0xE0 | (cp >> 12));
+                    *o++ = (char)(0x80 | ((cp >> 6) & 0x3F));
+                    *o++ = (char)(0x80 | (cp & 0x3F));
+                }
+                r += 4;
+                break;
+            }
+            default:
+                PyMem_Free(buf);
+                return NULL;
+            }
+        }
+        res = PyUnicode_DecodeUTF8(buf, o - buf, NULL);
+        PyMem_Free(buf);
+    }
+    if (res == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    s->p = q + 1;
+    return res;
+}
+
+static inline int
+jp_digit(const unsigned char *q, const unsigned char *end)
+{
+    return q < end && *q >= '0' && *q <= '9';
+}
+
+static PyObject *
+jp_number(jp_t *s)
+{
+    const unsigned char *start = s->p, *q = s->p, *end = s->end;
+    int is_float = 0;
+    if (q < end && *q == '-')
+        q++;
+    if (!jp_digit(q, end))
+        return NULL;                /* NaN, Infinity, -Infinity: not JSON */
+    if (*q == '0')
+        q++;
+    else
+        while (jp_digit(q, end)) q++;
+    if (q < end && *q == '.') {
+        q++;
+        if (!jp_digit(q, end))
+            return NULL;
+        while (jp_digit(q, end)) q++;
+        is_float = 1;
+    }
+    if (q < end && (*q == 'e' || *q == 'E')) {
+        q++;
+        if (q < end && (*q == '+' || *q == '-'))
+            q++;
+        if (!jp_digit(q, end))
+            return NULL;
+        while (jp_digit(q, end)) q++;
+        is_float = 1;
+    }
+    Py_ssize_t n = q - start;
+    s->p = q;
+    if (!is_float && n <= 18) {
+        const unsigned char *d = start;
+        int neg = *d == '-';
+        long long v = 0;
+        for (d += neg; d < q; d++)
+            v = v * 10 + (*d - '0');
+        return PyLong_FromLongLong(neg ? -v : v);
+    }
+    char small[64];
+    char *text = n < (Py_ssize_t)sizeof(small) ? small : PyMem_Malloc((size_t)n + 1);
+    if (text == NULL)
+        return NULL;
+    memcpy(text, start, (size_t)n);
+    text[n] = '\0';
+    PyObject *res;
+    if (is_float) {
+        char *stop;
+        double d = PyOS_string_to_double(text, &stop, NULL);
+        res = (d == -1.0 && PyErr_Occurred()) || stop != text + n ? NULL : PyFloat_FromDouble(d);
+    }
+    else {
+        res = PyLong_FromString(text, NULL, 10);
+    }
+    if (text != small)
+        PyMem_Free(text);
+    if (res == NULL)
+        PyErr_Clear();              /* e.g. beyond int's digit limit: json.loads says */
+    return res;
+}
+
+static PyObject *
+jp_object(jp_t *s)
+{
+    s->p++;
+    PyObject *obj = PyDict_New();
+    if (obj == NULL)
+        return NULL;
+    jp_ws(s);
+    if (s->p < s->end && *s->p == '}') {
+        s->p++;
+        return obj;
+    }
+    for (;;) {
+        if (s->p >= s->end || *s->p != '"')
+            goto fail;
+        PyObject *key = jp_string(s, 1);
+        if (key == NULL)
+            goto fail;
+        jp_ws(s);
+        if (s->p >= s->end || *s->p != ':') {
+            Py_DECREF(key);
+            goto fail;
+        }
+        s->p++;
+        jp_ws(s);
+        PyObject *val = jp_value(s);
+        if (val == NULL) {
+            Py_DECREF(key);
+            goto fail;
+        }
+        int rc = PyDict_SetItem(obj, key, val);
+        Py_DECREF(key);
+        Py_DECREF(val);
+        if (rc < 0)
+            goto fail;
+        jp_ws(s);
+        if (s->p < s->end && *s->p == ',') {
+            s->p++;
+            jp_ws(s);
+            continue;
+        }
+        if (s->p < s->end && *s->p == '}') {
+            s->p++;
+            return obj;
+        }
+        goto fail;
+    }
+fail:
+    Py_DECREF(obj);
+    return NULL;
+}
+
+static PyObject *
+jp_array(jp_t *s)
+{
+    s->p++;
+    PyObject *arr = PyList_New(0);
+    if (arr == NULL)
+        return NULL;
+    jp_ws(s);
+    if (s->p < s->end && *s->p == ']') {
+        s->p++;
+        return arr;
+    }
+    for (;;) {
+        PyObject *val = jp_value(s);
+        if (val == NULL)
+            goto fail;
+        int rc = PyList_Append(arr, val);
+        Py_DECREF(val);
+        if (rc < 0)
+            goto fail;
+        jp_ws(s);
+        if (s->p < s->end && *s->p == ',') {
+            s->p++;
+            jp_ws(s);
+            continue;
+        }
+        if (s->p < s->end && *s->p == ']') {
+            s->p++;
+            return arr;
+        }
+        goto fail;
+    }
+fail:
+    Py_DECREF(arr);
+    return NULL;
+}
+
+static inline int
+jp_word(jp_t *s, const char *word, Py_ssize_t n)
+{
+    if (s->end - s->p < n || memcmp(s->p, word, (size_t)n) != 0)
+        return 0;
+    s->p += n;
+    return 1;
+}
+
+/* A value at s->p (no whitespace before it). */
+static PyObject *
+jp_value(jp_t *s)
+{
+    if (s->p >= s->end)
+        return NULL;
+    PyObject *res;
+    switch (*s->p) {
+    case '"':
+        return jp_string(s, 0);
+    case '{':
+    case '[':
+        if (++s->depth > JP_MAX_DEPTH)
+            return NULL;
+        res = *s->p == '{' ? jp_object(s) : jp_array(s);
+        s->depth--;
+        return res;
+    case 't':
+        if (jp_word(s, "true", 4)) Py_RETURN_TRUE;
+        return NULL;
+    case 'f':
+        if (jp_word(s, "false", 5)) Py_RETURN_FALSE;
+        return NULL;
+    case 'n':
+        if (jp_word(s, "null", 4)) Py_RETURN_NONE;
+        return NULL;
+    default:
+        return jp_number(s);
+    }
+}
+
+/* The document in buf[0:len], or NULL with no error set when the standard
+ * library must decide. */
+static PyObject *
+jp_parse(const unsigned char *buf, Py_ssize_t len)
+{
+    jp_t s = {buf, buf + len, 0};
+    jp_ws(&s);
+    PyObject *res = jp_value(&s);
+    if (res == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    jp_ws(&s);
+    if (s.p != s.end) {
+        Py_DECREF(res);
+        return NULL;
+    }
+    return res;
+}
+
+/* The JSON loader: the parser above; where it gives up, orjson where it
+ * gives the same answer as the standard library, json.loads where it would
+ * not (integers of 19 digits or more, which orjson turns into floats; numbers
+ * it refuses). See values.py. */
 static PyObject *fast_loads = NULL;     /* orjson.loads */
 static PyObject *fast_error = NULL;     /* orjson.JSONDecodeError */
 static PyObject *slow_loads = NULL;     /* json.loads */
@@ -188,6 +586,8 @@ setup_json(PyObject *self, PyObject *args)
     PyObject *fast, *err, *slow;
     if (!PyArg_ParseTuple(args, "OOO", &fast, &err, &slow))
         return NULL;
+    if (fast == Py_None || err == Py_None)
+        fast = err = NULL;      /* no orjson: the parser here, then json.loads */
     Py_XINCREF(fast); Py_XDECREF(fast_loads); fast_loads = fast;
     Py_XINCREF(err); Py_XDECREF(fast_error); fast_error = err;
     Py_XINCREF(slow); Py_XDECREF(slow_loads); slow_loads = slow;
@@ -199,6 +599,12 @@ json_loads(PyObject *self, PyObject *data)
 {
     if (slow_loads == NULL)
         return fail("walex._speedups.setup_json() was not called");
+    if (PyBytes_Check(data)) {
+        PyObject *res = jp_parse((const unsigned char *)PyBytes_AS_STRING(data),
+                                 PyBytes_GET_SIZE(data));
+        if (res != NULL)
+            return res;
+    }
     if (fast_loads != NULL && PyBytes_Check(data)) {
         const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(data);
         Py_ssize_t n = PyBytes_GET_SIZE(data), run = 0, i;
@@ -282,10 +688,12 @@ fast_values(const unsigned char *buf, Py_ssize_t len, Py_ssize_t *ppos, Py_ssize
     return values;
 }
 
-/* load_sequence + dict: NULL with no error set when a loader refused. */
+/* load_sequence + dict: NULL with no error set when a loader refused.
+ * The dict starts as a copy of *template* (the column names, each -> None):
+ * copying it and replacing the values costs less than growing a new dict. */
 static PyObject *
-fast_record(PyObject *values, int binary, PyObject *names, PyObject *load_text,
-            PyObject *load_binary)
+fast_record(PyObject *values, int binary, PyObject *names, PyObject *template,
+            PyObject *load_text, PyObject *load_binary)
 {
     PyObject *row = PyObject_CallOneArg(binary ? load_binary : load_text, values);
     if (row == NULL) {
@@ -303,7 +711,7 @@ fast_record(PyObject *values, int binary, PyObject *names, PyObject *load_text,
         Py_DECREF(seq);
         return NULL;
     }
-    PyObject *rec = PyDict_New();
+    PyObject *rec = PyDict_Copy(template);
     if (rec == NULL) {
         Py_DECREF(seq);
         return NULL;
@@ -350,15 +758,18 @@ frame_event(PyObject *frame, PyObject *fast_map, PyObject *txn, PyObject *seq)
             return NULL;
         Py_RETURN_NONE;
     }
-    if (!PyTuple_Check(fast) || PyTuple_GET_SIZE(fast) != 4)
+    if (!PyTuple_Check(fast) || PyTuple_GET_SIZE(fast) != 5)
         Py_RETURN_NONE;
     PyObject *names = PyTuple_GET_ITEM(fast, 0);
     PyObject *load_text = PyTuple_GET_ITEM(fast, 1);
     PyObject *load_binary = PyTuple_GET_ITEM(fast, 2);
     PyObject *source = PyTuple_GET_ITEM(fast, 3);
-    if (!PyTuple_Check(names))
+    PyObject *template = PyTuple_GET_ITEM(fast, 4);
+    if (!PyTuple_Check(names) || !PyDict_CheckExact(template))
         Py_RETURN_NONE;
     Py_ssize_t ncols = PyTuple_GET_SIZE(names);
+    if (PyDict_GET_SIZE(template) != ncols)
+        Py_RETURN_NONE;     /* names must be distinct: they are a table's columns */
 
     Py_ssize_t pos = 30;
     PyObject *old_rec = NULL, *new_rec = NULL, *kind;
@@ -384,7 +795,7 @@ frame_event(PyObject *frame, PyObject *fast_map, PyObject *txn, PyObject *seq)
         PyObject *vals = fast_values(buf, len, &pos, ncols, &binary);
         if (vals == NULL)
             Py_RETURN_NONE;
-        old_rec = fast_record(vals, binary, names, load_text, load_binary);
+        old_rec = fast_record(vals, binary, names, template, load_text, load_binary);
         Py_DECREF(vals);
         if (old_rec == NULL)
             Py_RETURN_NONE;
@@ -402,7 +813,7 @@ frame_event(PyObject *frame, PyObject *fast_map, PyObject *txn, PyObject *seq)
             Py_XDECREF(old_rec);
             Py_RETURN_NONE;
         }
-        new_rec = fast_record(vals, binary, names, load_text, load_binary);
+        new_rec = fast_record(vals, binary, names, template, load_text, load_binary);
         Py_DECREF(vals);
         if (new_rec == NULL) {
             Py_XDECREF(old_rec);
@@ -428,8 +839,15 @@ frame_event(PyObject *frame, PyObject *fast_map, PyObject *txn, PyObject *seq)
     if (lsn_obj == NULL)
         goto error;
 
-    PyObject *fields = PyTuple_New(14);
+    /* What tuple.__new__(Event, fields) makes, without the temporary tuple. */
+    PyObject *empty = PyTuple_New(0);
+    if (empty == NULL) {
+        Py_DECREF(lsn_obj);
+        goto error;
+    }
+    PyObject *fields = ((PyTypeObject *)event_type)->tp_alloc((PyTypeObject *)event_type, 14);
     if (fields == NULL) {
+        Py_DECREF(empty);
         Py_DECREF(lsn_obj);
         goto error;
     }
@@ -446,18 +864,10 @@ frame_event(PyObject *frame, PyObject *fast_map, PyObject *txn, PyObject *seq)
     Py_INCREF(Py_None); PyTuple_SET_ITEM(fields, 8, Py_None);
     Py_INCREF(Py_None); PyTuple_SET_ITEM(fields, 9, Py_None);
     Py_INCREF(Py_None); PyTuple_SET_ITEM(fields, 10, Py_None);
-    PyObject *empty = PyTuple_New(0);
-    if (empty == NULL) { Py_DECREF(fields); return NULL; }
     PyTuple_SET_ITEM(fields, 11, empty);
     Py_INCREF(Py_False); PyTuple_SET_ITEM(fields, 12, Py_False);
     Py_INCREF(Py_False); PyTuple_SET_ITEM(fields, 13, Py_False);
-    PyObject *targs = PyTuple_Pack(1, fields);
-    Py_DECREF(fields);
-    if (targs == NULL)
-        return NULL;
-    PyObject *event = PyTuple_Type.tp_new((PyTypeObject *)event_type, targs, NULL);
-    Py_DECREF(targs);
-    return event;
+    return fields;
 
 error:
     Py_XDECREF(old_rec);
@@ -466,7 +876,7 @@ error:
 }
 
 /* row_event(frame, fast_map, txn, seq) -> Event | None
- * fast_map: {relation oid: (names tuple, load_text, load_binary, source)} */
+ * fast_map: {relation oid: (names tuple, load_text, load_binary, source, template dict)} */
 static PyObject *
 row_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
