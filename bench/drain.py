@@ -28,7 +28,9 @@ import cProfile
 import json
 import os
 import pstats
+import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -316,7 +318,13 @@ def recvlogical(
 
 
 def walex_child(
-    dsn: str, slot: str, publication: str, end_lsn: int, last_xid: int, options: dict[str, Any]
+    dsn: str,
+    slot: str,
+    publication: str,
+    end_lsn: int,
+    last_xid: int,
+    options: dict[str, Any],
+    prefix: list[str] | None = None,
 ) -> tuple[dict[str, Any], Finished]:
     spec = json.dumps(
         {
@@ -329,7 +337,9 @@ def walex_child(
         }
     )
     with WalsenderCPU(dsn, slot) as server:
-        done = run_timed([sys.executable, str(Path(__file__).resolve()), "--child", spec])
+        done = run_timed(
+            [*(prefix or []), sys.executable, str(Path(__file__).resolve()), "--child", spec]
+        )
     if done.exit_code != 0:
         raise SystemExit(f"walex child failed ({done.exit_code}):\n{done.stderr}{done.stdout}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -373,6 +383,7 @@ class Backlog:
     last_xid: int
     row_bytes: float
     seconds: float
+    first_xid: int = 0
 
     @property
     def changes(self) -> int:
@@ -402,7 +413,7 @@ def write_backlog(conn: psycopg.Connection[Any], txns: int) -> Backlog:
     update = "UPDATE bench_rows SET qty = qty + 1, price = price + 1.00 WHERE id BETWEEN %s AND %s"
     delete = "DELETE FROM bench_rows WHERE id BETWEEN %s AND %s"
     t0 = time.perf_counter()
-    last_xid = 0
+    first_xid = last_xid = 0
     for k in range(txns):
         base = k * TXN_INSERTS
         if k == 0:  # rows 1..500 exist after the first half
@@ -418,8 +429,10 @@ def write_backlog(conn: psycopg.Connection[Any], txns: int) -> Backlog:
                 _exec(conn, insert, [lo, lo + 499], 500)
                 _exec(conn, update, list(upd[half]), 100)
                 _exec(conn, delete, list(dele[half]), 50)
-            if k == txns - 1:
-                last_xid = sql(conn, "SELECT (txid_current() % 4294967296)::bigint")
+            xid = sql(conn, "SELECT (txid_current() % 4294967296)::bigint")
+            if k == 0:
+                first_xid = xid
+            last_xid = xid
     seconds = time.perf_counter() - t0
     end_lsn = int(walex.LSN.parse(str(sql(conn, "SELECT pg_current_wal_insert_lsn()::text"))))
     row_bytes = float(sql(conn, "SELECT avg(pg_column_size(t.*)) FROM bench_rows t") or 0)
@@ -432,6 +445,7 @@ def write_backlog(conn: psycopg.Connection[Any], txns: int) -> Backlog:
         last_xid=last_xid,
         row_bytes=row_bytes,
         seconds=seconds,
+        first_xid=first_xid,
     )
 
 
@@ -478,7 +492,7 @@ def run(args: argparse.Namespace) -> int:
     proto = 4 if binaries.major >= 16 else 3 if binaries.major >= 15 else 2
     options = {"max_batch_events": 5000, **parse_options(args.walex_option)}
     txns = max(1, args.rows // TXN_INSERTS)
-    rounds = 1 if args.profile else args.rounds
+    rounds = 1 if args.profile else 2 if args.instructions else args.rounds
     print(
         f"Postgres {binaries.version} ({binaries.bindir}); settings on top of walex.embedded "
         f"defaults: {SERVER_SETTINGS}"
@@ -509,6 +523,9 @@ def run(args: argparse.Namespace) -> int:
                     f"in {backlog.txns} txns, avg row {backlog.row_bytes:.0f} bytes, "
                     f"end LSN {walex.LSN(backlog.end_lsn)}"
                 )
+            if args.instructions:
+                assert backlog is not None
+                return instructions(dsn, pairs[0][1], pairs[-1][1], backlog, options)
             if args.profile:
                 assert backlog is not None
                 return profile(
@@ -723,6 +740,50 @@ def profile(
     return 0
 
 
+def instructions(
+    dsn: str, small_slot: str, big_slot: str, backlog: Backlog, options: dict[str, Any]
+) -> int:
+    """Count the instructions walex executes per change, with callgrind.
+
+    Two walex children under ``valgrind --tool=callgrind``: one drains only
+    the backlog's first transaction, the other the whole backlog; the
+    difference divided by the difference in changes is what one more change
+    costs, start-up and connection left out. The count is the same from run
+    to run (a busy or slow machine changes seconds, not instructions), so it
+    shows what a code change gains where timings here vary by a quarter.
+    """
+    if shutil.which("valgrind") is None:
+        raise SystemExit("--instructions needs valgrind (apt install valgrind)")
+    counts = []
+    for slot, last_xid, expect in (
+        (small_slot, backlog.first_xid, TXN_CHANGES),
+        (big_slot, backlog.last_xid, backlog.changes),
+    ):
+        # An end LSN no batch reaches: each child stops at the xid.
+        res, done = walex_child(
+            dsn,
+            slot,
+            PUBLICATION,
+            2**64 - 1,
+            last_xid,
+            options,
+            prefix=["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"],
+        )
+        if res["events"] != expect:
+            raise SystemExit(f"walex saw {res['events']} events, expected {expect}")
+        found = re.search(r"Collected : (\d+)", done.stderr)
+        if found is None:
+            raise SystemExit(f"no instruction count from callgrind:\n{done.stderr}")
+        counts.append(int(found.group(1)))
+        print(f"walex drain of {expect:,} changes: {counts[-1]:,} instructions", flush=True)
+    per_change = (counts[1] - counts[0]) / (backlog.changes - TXN_CHANGES)
+    print(
+        f"walex instructions per change: {per_change:,.0f} (callgrind; the difference of the "
+        f"two drains over the difference in changes, {backlog.changes - TXN_CHANGES:,})"
+    )
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pg", type=int, default=15, help="Postgres major version (15 or 16)")
@@ -752,6 +813,12 @@ def main() -> int:
     )
     parser.add_argument("--profile-out", metavar="FILE", help="also save the cProfile stats")
     parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count walex's instructions per change under valgrind's callgrind "
+        "(steady where timings are not; use with --rows 50000, it runs ~50x slower)",
+    )
+    parser.add_argument(
         "--walex-option",
         action="append",
         default=[],
@@ -760,8 +827,8 @@ def main() -> int:
     )
     parser.add_argument("--child", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.profile and args.big_only:
-        parser.error("--profile drains the backlog; leave out --big-only")
+    if (args.profile or args.instructions) and args.big_only:
+        parser.error("--profile and --instructions drain the backlog; leave out --big-only")
     if args.child:
         child_main(args.child)
         return 0
