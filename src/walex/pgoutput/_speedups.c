@@ -731,8 +731,16 @@ fast_record(PyObject *values, int binary, PyObject *names, PyObject *template,
 
 /* The event of one frame, a new reference; Py_None (new reference) when the
  * frame is not for the fast path; NULL on a real error (memory). */
+/* The fast_map entry of the last relation seen, so that a run of changes to
+ * one table looks it up once. Holds strong references; reset per call. */
+typedef struct {
+    uint32_t relid;
+    PyObject *fast;
+} fast_cache_t;
+
 static PyObject *
-frame_event(PyObject *frame, PyObject *fast_map, PyObject *txn, PyObject *seq)
+frame_event(PyObject *frame, PyObject *fast_map, PyObject *txn, PyObject *seq,
+            fast_cache_t *cache)
 {
     if (event_type == NULL || !PyBytes_Check(frame) || !PyDict_Check(fast_map))
         Py_RETURN_NONE;
@@ -748,15 +756,26 @@ frame_event(PyObject *frame, PyObject *fast_map, PyObject *txn, PyObject *seq)
         lsn = (lsn << 8) | buf[i];
     uint32_t relid = ((uint32_t)buf[26] << 24) | ((uint32_t)buf[27] << 16) |
                      ((uint32_t)buf[28] << 8) | (uint32_t)buf[29];
-    PyObject *key = PyLong_FromUnsignedLong(relid);
-    if (key == NULL)
-        return NULL;
-    PyObject *fast = PyDict_GetItemWithError(fast_map, key);  /* borrowed */
-    Py_DECREF(key);
-    if (fast == NULL) {
-        if (PyErr_Occurred())
+    PyObject *fast;     /* borrowed */
+    if (cache != NULL && cache->fast != NULL && cache->relid == relid) {
+        fast = cache->fast;
+    }
+    else {
+        PyObject *key = PyLong_FromUnsignedLong(relid);
+        if (key == NULL)
             return NULL;
-        Py_RETURN_NONE;
+        fast = PyDict_GetItemWithError(fast_map, key);
+        Py_DECREF(key);
+        if (fast == NULL) {
+            if (PyErr_Occurred())
+                return NULL;
+            Py_RETURN_NONE;
+        }
+        if (cache != NULL) {
+            Py_INCREF(fast);
+            Py_XSETREF(cache->fast, fast);
+            cache->relid = relid;
+        }
     }
     if (!PyTuple_Check(fast) || PyTuple_GET_SIZE(fast) != 5)
         Py_RETURN_NONE;
@@ -884,10 +903,10 @@ row_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "row_event(frame, fast_map, txn, seq)");
         return NULL;
     }
-    return frame_event(args[0], args[1], args[2], args[3]);
+    return frame_event(args[0], args[1], args[2], args[3], NULL);
 }
 
-static PyObject *s_popleft = NULL;
+static PyObject *s_popleft = NULL, *s_appendleft = NULL;
 
 /* row_events(frames, fast_map, txn, seq, events, max_events, max_bytes, batch_bytes)
  *   -> (taken, batch_bytes, max_lsn, max_wal_end, last_clock)
@@ -916,32 +935,50 @@ row_events(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     if (s_popleft == NULL && (s_popleft = PyUnicode_InternFromString("popleft")) == NULL)
         return NULL;
+    if (s_appendleft == NULL &&
+        (s_appendleft = PyUnicode_InternFromString("appendleft")) == NULL)
+        return NULL;
+    PyObject *popleft = PyObject_GetAttr(frames, s_popleft);
+    if (popleft == NULL)
+        return NULL;
+    fast_cache_t cache = {0, NULL};
     long taken = 0;
     uint64_t max_lsn = 0, max_end = 0;
     int64_t clock = 0;
+    int failed = 0;
     while (PyList_GET_SIZE(events) < max_events && batch_bytes < max_bytes) {
         Py_ssize_t n = PyObject_Length(frames);
-        if (n < 0)
-            return NULL;
+        if (n < 0) {
+            failed = 1;
+            break;
+        }
         if (n == 0)
             break;
-        PyObject *frame = PySequence_GetItem(frames, 0);
-        if (frame == NULL)
-            return NULL;
+        /* Take the frame; put it back if it is not for the fast path. */
+        PyObject *frame = PyObject_CallNoArgs(popleft);
+        if (frame == NULL) {
+            failed = 1;
+            break;
+        }
         PyObject *seq_obj = PyLong_FromLongLong(seq);
-        if (seq_obj == NULL) {
+        PyObject *event = seq_obj == NULL ? NULL
+                          : frame_event(frame, fast_map, txn, seq_obj, &cache);
+        Py_XDECREF(seq_obj);
+        if (event == NULL || event == Py_None) {
+            /* Back in front, so that nothing is lost even on an error. */
+            PyObject *back = PyObject_CallMethodOneArg(frames, s_appendleft, frame);
             Py_DECREF(frame);
-            return NULL;
-        }
-        PyObject *event = frame_event(frame, fast_map, txn, seq_obj);
-        Py_DECREF(seq_obj);
-        if (event == NULL) {
-            Py_DECREF(frame);
-            return NULL;
-        }
-        if (event == Py_None) {
+            if (back == NULL) {
+                Py_XDECREF(event);
+                failed = 1;
+                break;
+            }
+            Py_DECREF(back);
+            if (event == NULL) {
+                failed = 1;
+                break;
+            }
             Py_DECREF(event);
-            Py_DECREF(frame);
             break;
         }
         const unsigned char *buf = (const unsigned char *)PyBytes_AS_STRING(frame);
@@ -953,19 +990,20 @@ row_events(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(frame);
         if (PyList_Append(events, event) < 0) {
             Py_DECREF(event);
-            return NULL;
+            failed = 1;
+            break;
         }
         Py_DECREF(event);
-        PyObject *gone = PyObject_CallMethodNoArgs(frames, s_popleft);
-        if (gone == NULL)
-            return NULL;
-        Py_DECREF(gone);
         if (lsn > max_lsn) max_lsn = lsn;
         if (end > max_end) max_end = end;
         clock = (int64_t)clk;
         seq++;
         taken++;
     }
+    Py_DECREF(popleft);
+    Py_XDECREF(cache.fast);
+    if (failed)
+        return NULL;
     return Py_BuildValue("(lLKKL)", taken, batch_bytes, (unsigned long long)max_lsn,
                          (unsigned long long)max_end, (long long)clock);
 }
