@@ -221,6 +221,7 @@ class Finished:
     stdout: str
     stderr: str
     server_cpu_s: float | None = None
+    server_waits: int | None = None
 
 
 def run_timed(cmd: list[str], timeout: float = DRAIN_TIMEOUT) -> Finished:
@@ -255,6 +256,10 @@ class WalsenderCPU:
         self.dsn = dsn
         self.slot = slot
         self.seconds: float | None = None
+        # Voluntary context switches: how often the walsender waited (for
+        # the client to make room in the socket, or for WAL). A handful means
+        # it was busy the whole drain, limited by its own CPU.
+        self.waits: int | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -285,9 +290,14 @@ class WalsenderCPU:
             try:
                 with open(f"/proc/{pid}/stat") as f:
                     fields = f.read().rpartition(")")[2].split()
+                with open(f"/proc/{pid}/status") as f:
+                    status = f.read()
             except OSError:
                 return  # gone, or not ours to read: the last sample stands
             self.seconds = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+            for line in status.splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    self.waits = int(line.split()[1])
             if stopping:
                 return
             stopping = self._stop.wait(0.05)
@@ -312,6 +322,7 @@ def recvlogical(
     with WalsenderCPU(dsn, slot) as server:
         done = run_timed(cmd)
     done.server_cpu_s = server.seconds
+    done.server_waits = server.waits
     if done.exit_code != 0:
         raise SystemExit(f"pg_recvlogical failed ({done.exit_code}): {done.stderr.strip()}")
     return done
@@ -344,6 +355,7 @@ def walex_child(
         raise SystemExit(f"walex child failed ({done.exit_code}):\n{done.stderr}{done.stdout}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     result["server_cpu_s"] = server.seconds
+    result["server_waits"] = server.waits
     return result, done
 
 
@@ -596,6 +608,8 @@ def drain_rounds(
         "walex_cpu_median": statistics.median(w["cpu_s"] for w in runs),
         "recv_server_cpu": _median_known(f.server_cpu_s for f in recv),
         "walex_server_cpu": _median_known(w["server_cpu_s"] for w in runs),
+        "recv_server_waits": _median_known(f.server_waits for f in recv),
+        "walex_server_waits": _median_known(w["server_waits"] for w in runs),
         "rss_max": max(w["maxrss_mb"] for w in runs),
         "protocol": runs[-1]["protocol"],
     }
@@ -607,7 +621,7 @@ def drain_rounds(
     return figures
 
 
-def _median_known(values: Iterable[float | None]) -> float | None:
+def _median_known(values: Iterable[float | int | None]) -> float | None:
     known = [v for v in values if v is not None]
     return statistics.median(known) if known else None
 
@@ -688,6 +702,13 @@ def summary(
                 f"(median): the server's decoding caps any client near {ceiling:,.0f} "
                 f"changes/s = {ceiling / (n / main['recv_median']):.2f}x pg_recvlogical"
             )
+            if main["walex_server_waits"] is not None:
+                print(
+                    f"walsender waits: {main['recv_server_waits']:.0f} serving pg_recvlogical, "
+                    f"{main['walex_server_waits']:.0f} serving walex (voluntary context "
+                    f"switches in a drain, median): a handful means it never waited for the "
+                    f"client, its own CPU set the pace"
+                )
         else:
             print("walsender CPU  : n/a (/proc not readable)")
     if big:
