@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from walex import values
 from walex.values import json_loads, make_adapters
 
 try:
@@ -158,8 +159,6 @@ def test_the_c_parser_answers_without_the_fallbacks() -> None:
         assert math.isnan(_speedups.json_loads(b"NaN"))
         assert asked == [b"NaN"]
     finally:
-        from walex import values
-
         if values._orjson is not None:
             _speedups.setup_json(values._orjson.loads, values._orjson.JSONDecodeError, json.loads)
         else:
@@ -210,3 +209,21 @@ def test_the_adapters_use_it_for_json_and_jsonb() -> None:
         {"n": 12345678901234567890123},
         [1.5],
     )
+
+
+JSONB_BINARY = [pytest.param(values._JsonbBinaryLoader(3802).load, id="python")]
+if _speedups is not None:
+    JSONB_BINARY.append(pytest.param(_speedups.jsonb_loads, id="c"))
+
+
+@pytest.mark.parametrize("load", JSONB_BINARY)
+@pytest.mark.parametrize("text", TRICKY)
+def test_binary_jsonb_is_a_version_byte_and_the_text(load: object, text: bytes) -> None:
+    assert same(load(b"\x01" + text), json.loads(text))  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("load", JSONB_BINARY)
+@pytest.mark.parametrize("data", [b"", b"\x02{}", b"{}"])
+def test_binary_jsonb_of_an_unknown_version_is_refused(load: object, data: bytes) -> None:
+    with pytest.raises(ValueError, match="unknown jsonb binary format"):
+        load(data)  # type: ignore[operator]

@@ -109,12 +109,26 @@ class _JsonbBinaryLoader(Loader):
 
     def load(self, data: Buffer) -> Any:
         if data[:1] != b"\x01":
-            raise psycopg.DataError(f"unknown jsonb binary format: {bytes(data[:1])!r}")
+            raise ValueError(f"unknown jsonb binary format: version {bytes(data[:1])!r}")
         return json_loads(bytes(data[1:]))
 
 
-class _JsonBinaryLoader(_JsonLoader):
+class _JsonBinaryLoader(_JsonTextLoader):  # type: ignore[valid-type,misc]
+    """json in binary is its text."""
+
     format = _BINARY
+
+
+_JsonbBinary: type[Loader] = _JsonbBinaryLoader
+if _speedups is not None:
+
+    class _FastJsonbBinaryLoader(Loader):
+        """:class:`_JsonbBinaryLoader` in C."""
+
+        format = _BINARY
+        load = staticmethod(_speedups.jsonb_loads)  # type: ignore[assignment]
+
+    _JsonbBinary = _FastJsonbBinaryLoader
 
 
 def make_adapters() -> AdaptersMap:
@@ -123,7 +137,7 @@ def make_adapters() -> AdaptersMap:
     adapters.register_loader("json", _JsonTextLoader)
     adapters.register_loader("jsonb", _JsonTextLoader)
     adapters.register_loader("json", _JsonBinaryLoader)
-    adapters.register_loader("jsonb", _JsonbBinaryLoader)
+    adapters.register_loader("jsonb", _JsonbBinary)
     return adapters
 
 

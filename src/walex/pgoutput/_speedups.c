@@ -628,6 +628,32 @@ json_loads(PyObject *self, PyObject *data)
     return PyObject_CallOneArg(slow_loads, data);
 }
 
+/* jsonb in binary format: a version byte (1), then the text. */
+static PyObject *
+jsonb_loads(PyObject *self, PyObject *data)
+{
+    if (!PyBytes_Check(data)) {
+        PyErr_SetString(PyExc_TypeError, "jsonb_loads() takes bytes");
+        return NULL;
+    }
+    const char *p = PyBytes_AS_STRING(data);
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
+    if (n < 1 || p[0] != 1) {
+        PyErr_Format(PyExc_ValueError, "unknown jsonb binary format: version %d",
+                     n < 1 ? -1 : (int)(unsigned char)p[0]);
+        return NULL;
+    }
+    PyObject *res = jp_parse((const unsigned char *)p + 1, n - 1);
+    if (res != NULL)
+        return res;
+    PyObject *text = PyBytes_FromStringAndSize(p + 1, n - 1);
+    if (text == NULL)
+        return NULL;
+    res = json_loads(self, text);
+    Py_DECREF(text);
+    return res;
+}
+
 /* ---------------------------------------------------------------------
  * row_event(): the whole hot path of a row change, frame -> walex.Event.
  *
@@ -1016,7 +1042,10 @@ static PyMethodDef methods[] = {
      "row_event(frame, fast_map, txn, seq) -> Event | None: a row change, when simple."},
     {"setup_json", setup_json, METH_VARARGS, "setup_json(orjson_loads, orjson_error, json_loads)"},
     {"json_loads", json_loads, METH_O,
-     "json_loads(data): orjson where exact, else the standard library."},
+     "json_loads(data): the parser here; where it gives up, orjson where exact, "
+     "else the standard library."},
+    {"jsonb_loads", jsonb_loads, METH_O,
+     "jsonb_loads(data): a binary jsonb value (version byte 1, then the text)."},
     {"setup", setup, METH_VARARGS, "setup(toast_marker, tuple_type, decode_error)"},
     {"read_tuple", read_tuple, METH_VARARGS,
      "read_tuple(data, pos) -> (TupleData, newpos): one row of pgoutput tuple data."},
