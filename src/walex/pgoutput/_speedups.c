@@ -423,92 +423,69 @@ jp_number(jp_t *s)
     return res;
 }
 
-static PyObject *
-jp_object(jp_t *s)
+/* Skips *c* and the whitespace after it if it is next; says whether it was. */
+static inline int
+jp_take(jp_t *s, unsigned char c)
 {
+    if (s->p >= s->end || *s->p != c)
+        return 0;
     s->p++;
-    PyObject *obj = PyDict_New();
-    if (obj == NULL)
-        return NULL;
     jp_ws(s);
-    if (s->p < s->end && *s->p == '}') {
-        s->p++;
-        return obj;
-    }
-    for (;;) {
-        if (s->p >= s->end || *s->p != '"')
-            goto fail;
-        PyObject *key = jp_string(s, 1);
-        if (key == NULL)
-            goto fail;
-        jp_ws(s);
-        if (s->p >= s->end || *s->p != ':') {
-            Py_DECREF(key);
-            goto fail;
-        }
-        s->p++;
-        jp_ws(s);
-        PyObject *val = jp_value(s);
-        if (val == NULL) {
-            Py_DECREF(key);
-            goto fail;
-        }
-        int rc = PyDict_SetItem(obj, key, val);
-        Py_DECREF(key);
-        Py_DECREF(val);
-        if (rc < 0)
-            goto fail;
-        jp_ws(s);
-        if (s->p < s->end && *s->p == ',') {
-            s->p++;
-            jp_ws(s);
-            continue;
-        }
-        if (s->p < s->end && *s->p == '}') {
-            s->p++;
-            return obj;
-        }
-        goto fail;
-    }
-fail:
-    Py_DECREF(obj);
-    return NULL;
+    return 1;
 }
 
-static PyObject *
-jp_array(jp_t *s)
+/* One member "key": value of an object into *obj*; 0, or -1 to give up. */
+static int
+jp_member(jp_t *s, PyObject *obj)
 {
-    s->p++;
-    PyObject *arr = PyList_New(0);
-    if (arr == NULL)
-        return NULL;
+    if (s->p >= s->end || *s->p != '"')
+        return -1;
+    PyObject *key = jp_string(s, 1);
+    if (key == NULL)
+        return -1;
     jp_ws(s);
-    if (s->p < s->end && *s->p == ']') {
-        s->p++;
-        return arr;
-    }
+    PyObject *val = jp_take(s, ':') ? jp_value(s) : NULL;
+    int rc = val == NULL ? -1 : PyDict_SetItem(obj, key, val);
+    Py_DECREF(key);
+    Py_XDECREF(val);
+    return rc;
+}
+
+/* An object or an array, its opening bracket at s->p. */
+static PyObject *
+jp_container(jp_t *s)
+{
+    int is_object = *s->p == '{';
+    unsigned char close = is_object ? '}' : ']';
+    PyObject *res = is_object ? PyDict_New() : PyList_New(0);
+    if (res == NULL)
+        return NULL;
+    s->p++;
+    jp_ws(s);
+    if (jp_take(s, close))
+        return res;
     for (;;) {
-        PyObject *val = jp_value(s);
-        if (val == NULL)
-            goto fail;
-        int rc = PyList_Append(arr, val);
-        Py_DECREF(val);
+        int rc;
+        if (is_object) {
+            rc = jp_member(s, res);
+        }
+        else {
+            PyObject *val = jp_value(s);
+            rc = val == NULL ? -1 : PyList_Append(res, val);
+            Py_XDECREF(val);
+        }
         if (rc < 0)
-            goto fail;
+            break;
         jp_ws(s);
-        if (s->p < s->end && *s->p == ',') {
-            s->p++;
-            jp_ws(s);
+        if (jp_take(s, ','))
             continue;
-        }
-        if (s->p < s->end && *s->p == ']') {
+        if (s->p < s->end && *s->p == close) {
             s->p++;
-            return arr;
+            return res;
         }
-        goto fail;
+        break;
     }
-fail:
-    Py_DECREF(arr);
+    Py_DECREF(res);
     return NULL;
 }
 
@@ -535,7 +512,7 @@ jp_value(jp_t *s)
     case '[':
         if (++s->depth > JP_MAX_DEPTH)
             return NULL;
-        res = *s->p == '{' ? jp_object(s) : jp_array(s);
+        res = jp_container(s);
         s->depth--;
         return res;
     case 't':
