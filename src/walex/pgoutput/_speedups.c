@@ -968,20 +968,27 @@ row_events(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                           : frame_event(frame, fast_map, txn, seq_obj, &cache);
         Py_XDECREF(seq_obj);
         if (event == NULL || event == Py_None) {
-            /* Back in front, so that nothing is lost even on an error. */
+            /* Back in front, so that nothing is lost, even on an error (kept
+             * aside while appendleft runs; the first error is the one raised). */
+            PyObject *etype = NULL, *evalue = NULL, *etb = NULL;
+            if (event == NULL)
+                PyErr_Fetch(&etype, &evalue, &etb);
             PyObject *back = PyObject_CallMethodOneArg(frames, s_appendleft, frame);
             Py_DECREF(frame);
-            if (back == NULL) {
-                Py_XDECREF(event);
-                failed = 1;
-                break;
-            }
-            Py_DECREF(back);
             if (event == NULL) {
+                if (back == NULL)
+                    PyErr_Clear();
+                Py_XDECREF(back);
+                PyErr_Restore(etype, evalue, etb);
                 failed = 1;
                 break;
             }
             Py_DECREF(event);
+            if (back == NULL) {
+                failed = 1;
+                break;
+            }
+            Py_DECREF(back);
             break;
         }
         const unsigned char *buf = (const unsigned char *)PyBytes_AS_STRING(frame);
