@@ -54,6 +54,11 @@ TRICKY = [
     b'{"": {"": [null, true, false]}}',
     b"[" * 250 + b"]" * 250,
     b'{"k": ' * 250 + b"1" + b"}" * 250,
+    # many keys: more than the C parser's key cache holds, some sharing a slot
+    ("{" + ", ".join(f'"k{i}": {i}' for i in range(2000)) + "}").encode(),
+    (
+        "[" + ", ".join(f'{{"k{i % 700}": "v", "k{i % 3}": {i}}}' for i in range(3000)) + "]"
+    ).encode(),
     # what Postgres' jsonb_out writes
     b'{"tags": ["a", "b"], "size": 3, "color": "red"}',
     b'{"a": {"b": [1.5, -2, "x\\"y"]}, "n": null}',

@@ -214,9 +214,9 @@ jp_hex(unsigned char c)
     return -1;
 }
 
-/* Object keys repeat from document to document: the str of a short key
- * without escapes is kept in a small direct-mapped cache, found again by its
- * bytes, so that it is neither decoded nor hashed again. */
+/* Object keys repeat from document to document: the str of a short ASCII
+ * key without escapes is kept in a small direct-mapped cache, found again by
+ * its bytes, so that it is neither decoded nor hashed again. */
 #define JP_KEYS 512
 #define JP_KEY_MAX 32
 static PyObject *jp_keys[JP_KEYS];
@@ -237,32 +237,26 @@ jp_text(const unsigned char *start, Py_ssize_t n, int ascii)
 static PyObject *
 jp_key(const unsigned char *start, Py_ssize_t n, int ascii)
 {
-    if (n > JP_KEY_MAX)
+    if (!ascii || n > JP_KEY_MAX)
         return jp_text(start, n, ascii);
     uint32_t h = 2166136261u;           /* FNV-1a */
     for (Py_ssize_t i = 0; i < n; i++)
         h = (h ^ start[i]) * 16777619u;
     PyObject **slot = &jp_keys[h % JP_KEYS];
     PyObject *hit = *slot;
-    if (hit != NULL && PyBytes_GET_SIZE(PyTuple_GET_ITEM(hit, 0)) == n &&
-        memcmp(PyBytes_AS_STRING(PyTuple_GET_ITEM(hit, 0)), start, (size_t)n) == 0) {
-        PyObject *key = PyTuple_GET_ITEM(hit, 1);
-        Py_INCREF(key);
-        return key;
+    /* An ASCII str keeps its characters as these very bytes. */
+    if (hit != NULL && PyUnicode_GET_LENGTH(hit) == n &&
+        memcmp(PyUnicode_1BYTE_DATA(hit), start, (size_t)n) == 0) {
+        Py_INCREF(hit);
+        return hit;
     }
     PyObject *key = jp_text(start, n, ascii);
     if (key == NULL || PyObject_Hash(key) == -1) {
         Py_XDECREF(key);
         return NULL;
     }
-    PyObject *raw = PyBytes_FromStringAndSize((const char *)start, n);
-    PyObject *entry = raw == NULL ? NULL : PyTuple_Pack(2, raw, key);
-    Py_XDECREF(raw);
-    if (entry == NULL) {
-        Py_DECREF(key);
-        return NULL;
-    }
-    Py_XSETREF(*slot, entry);
+    Py_INCREF(key);
+    Py_XSETREF(*slot, key);
     return key;
 }
 
