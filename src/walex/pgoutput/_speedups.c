@@ -234,11 +234,12 @@ jp_text(const unsigned char *start, Py_ssize_t n, int ascii)
     return PyUnicode_DecodeUTF8((const char *)start, n, NULL);
 }
 
+/* An ASCII key, from the cache when it is there. */
 static PyObject *
-jp_key(const unsigned char *start, Py_ssize_t n, int ascii)
+jp_key(const unsigned char *start, Py_ssize_t n)
 {
-    if (!ascii || n > JP_KEY_MAX)
-        return jp_text(start, n, ascii);
+    if (n > JP_KEY_MAX)
+        return jp_text(start, n, 1);
     uint32_t h = 2166136261u;           /* FNV-1a */
     for (Py_ssize_t i = 0; i < n; i++)
         h = (h ^ start[i]) * 16777619u;
@@ -250,7 +251,7 @@ jp_key(const unsigned char *start, Py_ssize_t n, int ascii)
         Py_INCREF(hit);
         return hit;
     }
-    PyObject *key = jp_text(start, n, ascii);
+    PyObject *key = jp_text(start, n, 1);
     if (key == NULL || PyObject_Hash(key) == -1) {
         Py_XDECREF(key);
         return NULL;
@@ -258,6 +259,71 @@ jp_key(const unsigned char *start, Py_ssize_t n, int ascii)
     Py_INCREF(key);
     Py_XSETREF(*slot, key);
     return key;
+}
+
+/* The str of the escaped string text start[0:end]; NULL when it holds what
+ * the parser leaves to the standard library (an escape it does not know, a
+ * \u of a surrogate, bytes that are not UTF-8) or on a failed allocation. */
+static PyObject *
+jp_unescape(const unsigned char *start, const unsigned char *end)
+{
+    /* Unescaped, the text is never longer than escaped: \uXXXX (6 bytes)
+     * becomes at most 3 bytes of UTF-8, every other escape 1 byte. */
+    char *buf = PyMem_Malloc((size_t)(end - start) + 1);
+    if (buf == NULL)
+        return NULL;
+    PyObject *res = NULL;
+    char *o = buf;
+    for (const unsigned char *r = start; r < end; r++) {
+        if (*r != '\\') {
+            *o++ = (char)*r;
+            continue;
+        }
+        r++;
+        switch (*r) {
+        case '"': *o++ = '"'; break;
+        case '\\': *o++ = '\\'; break;
+        case '/': *o++ = '/'; break;
+        case 'b': *o++ = '\b'; break;
+        case 'f': *o++ = '\f'; break;
+        case 'n': *o++ = '\n'; break;
+        case 'r': *o++ = '\r'; break;
+        case 't': *o++ = '\t'; break;
+        case 'u': {
+            if (end - r < 5)
+                goto done;
+            int cp = 0;
+            for (int k = 1; k <= 4; k++) {
+                int h = jp_hex(r[k]);
+                if (h < 0)
+                    goto done;
+                cp = (cp << 4) | h;
+            }
+            if (cp >= 0xD800 && cp <= 0xDFFF)
+                goto done;
+            if (cp < 0x80) {
+                *o++ = (char)cp;
+            }
+            else if (cp < 0x800) {
+                *o++ = (char)(0xC0 | (cp >> 6));
+                *o++ = (char)(0x80 | (cp & 0x3F));
+            }
+            else {
+                *o++ = (char)(0xE0 | (cp >> 12));
+                *o++ = (char)(0x80 | ((cp >> 6) & 0x3F));
+                *o++ = (char)(0x80 | (cp & 0x3F));
+            }
+            r += 4;
+            break;
+        }
+        default:
+            goto done;
+        }
+    }
+    res = PyUnicode_DecodeUTF8(buf, o - buf, NULL);
+done:
+    PyMem_Free(buf);
+    return res;
 }
 
 /* The string whose opening quote is at s->p; *is_key*: an object's key. */
@@ -284,64 +350,9 @@ jp_string(jp_t *s, int is_key)
         ascii &= c < 0x80;
         q++;
     }
-    PyObject *res;
-    if (!escaped) {
-        res = is_key ? jp_key(start, q - start, ascii) : jp_text(start, q - start, ascii);
-    }
-    else {
-        /* Unescaped, the text is never longer than escaped: \uXXXX (6 bytes)
-         * becomes at most 3 bytes of UTF-8, every other escape 1 byte. */
-        char *buf = PyMem_Malloc((size_t)(q - start) + 1);
-        if (buf == NULL)
-            return NULL;
-        char *o = buf;
-        for (const unsigned char *r = start; r < q; r++) {
-            if (*r != '\\') {
-                *o++ = (char)*r;
-                continue;
-            }
-            r++;
-            switch (*r) {
-            case '"': *o++ = '"'; break;
-            case '\\': *o++ = '\\'; break;
-            case '/': *o++ = '/'; break;
-            case 'b': *o++ = '\b'; break;
-            case 'f': *o++ = '\f'; break;
-            case 'n': *o++ = '\n'; break;
-            case 'r': *o++ = '\r'; break;
-            case 't': *o++ = '\t'; break;
-            case 'u': {
-                if (q - r < 5) { PyMem_Free(buf); return NULL; }
-                int cp = 0;
-                for (int k = 1; k <= 4; k++) {
-                    int h = jp_hex(r[k]);
-                    if (h < 0) { PyMem_Free(buf); return NULL; }
-                    cp = (cp << 4) | h;
-                }
-                if (cp >= 0xD800 && cp <= 0xDFFF) { PyMem_Free(buf); return NULL; }
-                if (cp < 0x80) {
-                    *o++ = (char)cp;
-                }
-                else if (cp < 0x800) {
-                    *o++ = (char)(0xC0 | (cp >> 6));
-                    *o++ = (char)(0x80 | (cp & 0x3F));
-                }
-                else {
-                    *o++ = (char)(0xE0 | (cp >> 12));
-                    *o++ = (char)(0x80 | ((cp >> 6) & 0x3F));
-                    *o++ = (char)(0x80 | (cp & 0x3F));
-                }
-                r += 4;
-                break;
-            }
-            default:
-                PyMem_Free(buf);
-                return NULL;
-            }
-        }
-        res = PyUnicode_DecodeUTF8(buf, o - buf, NULL);
-        PyMem_Free(buf);
-    }
+    PyObject *res = escaped ? jp_unescape(start, q)
+                    : is_key && ascii ? jp_key(start, q - start)
+                    : jp_text(start, q - start, ascii);
     if (res == NULL) {
         PyErr_Clear();
         return NULL;
