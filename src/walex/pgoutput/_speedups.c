@@ -37,6 +37,22 @@ fail(const char *msg)
     return NULL;
 }
 
+/* base.__new__(type, value) for a subclass *type* of the built-in *base*
+ * (tuple, int): no Python-level __new__ on the way. Steals *value*. */
+static PyObject *
+subtype_new(PyTypeObject *base, PyObject *type, PyObject *value)
+{
+    if (value == NULL)
+        return NULL;
+    PyObject *args = PyTuple_Pack(1, value);
+    Py_DECREF(value);
+    if (args == NULL)
+        return NULL;
+    PyObject *res = base->tp_new((PyTypeObject *)type, args, NULL);
+    Py_DECREF(args);
+    return res;
+}
+
 static inline int32_t
 read_i32(const unsigned char *p)
 {
@@ -160,16 +176,9 @@ read_tuple(PyObject *self, PyObject *args)
         }
     }
 
-    PyObject *fields = Py_BuildValue("(NlllN)", values, nbin, ntext, ntoast, kinds);
-    if (fields == NULL)
-        return NULL;
-    PyObject *targs = PyTuple_Pack(1, fields);
-    Py_DECREF(fields);
-    if (targs == NULL)
-        return NULL;
-    /* tuple.__new__(TupleData, fields): no Python-level __new__ on the way. */
-    PyObject *tup = PyTuple_Type.tp_new((PyTypeObject *)tuple_type, targs, NULL);
-    Py_DECREF(targs);
+    PyObject *tup = subtype_new(
+        &PyTuple_Type, tuple_type,
+        Py_BuildValue("(NlllN)", values, nbin, ntext, ntoast, kinds));
     if (tup == NULL)
         return NULL;
     return Py_BuildValue("(Nn)", tup, pos);
@@ -853,16 +862,8 @@ frame_event(PyObject *frame, PyObject *fast_map, PyObject *txn, PyObject *seq,
         Py_RETURN_NONE;
     }
 
-    PyObject *lsn_int = PyLong_FromUnsignedLongLong(lsn);
-    if (lsn_int == NULL)
-        goto error;
-    PyObject *lsn_args = PyTuple_Pack(1, lsn_int);
-    Py_DECREF(lsn_int);
-    if (lsn_args == NULL)
-        goto error;
     /* int.__new__(LSN, value): what stream.py does, no range check needed. */
-    PyObject *lsn_obj = PyLong_Type.tp_new((PyTypeObject *)lsn_type, lsn_args, NULL);
-    Py_DECREF(lsn_args);
+    PyObject *lsn_obj = subtype_new(&PyLong_Type, lsn_type, PyLong_FromUnsignedLongLong(lsn));
     if (lsn_obj == NULL)
         goto error;
 
