@@ -3,14 +3,17 @@
 Runs a throw-away Postgres (walex.embedded), writes a backlog of changes that
 several logical slots (plugin pgoutput) see alike, then drains those slots in
 turn with ``pg_recvlogical`` (the reference: the server's decoding plus a C
-client that throws the bytes away) and with walex (every value turned into a
-Python object), each in its own process. Then it drains one very large
-transaction to show that walex's memory does not grow with transaction size.
+client that throws the bytes away), with walex (every value turned into a
+Python object) and with a bare reader (psycopg's ``PGconn``, frames read and
+thrown away: the server's own pace), each in its own process. Then it drains
+one very large transaction to show that walex's memory does not grow with
+transaction size.
 
 Usage::
 
     python bench/drain.py                  # PG 15, 3 rounds, then the big-transaction test
     python bench/drain.py --pg 16
+    python bench/drain.py --unix           # every client over the Unix socket, not TCP
     python bench/drain.py --rows 50000 --rounds 1 --no-big    # a quick look
     python bench/drain.py --profile        # one walex drain in-process under cProfile
 
@@ -187,26 +190,122 @@ def _check_values(event: walex.Event) -> None:
 
 
 def child_main(spec: str) -> None:
-    """``--child``: one walex drain, figures printed as one JSON line."""
+    """``--child``: one drain, walex's or the bare reader's, figures printed as one JSON line."""
     args = json.loads(spec)
     if os.environ.get("WALEX_BENCH_GC") == "off":
         import gc
 
         gc.disable()
-    result = asyncio.run(
-        walex_drain(
+    if args.get("bare"):
+        result = bare_drain(
             args["dsn"],
             args["slot"],
             args["publication"],
             args["end_lsn"],
             args["last_xid"],
-            args["options"],
+            args["proto"],
+            args.get("pause_us", 300),
         )
-    )
+    else:
+        result = asyncio.run(
+            walex_drain(
+                args["dsn"],
+                args["slot"],
+                args["publication"],
+                args["end_lsn"],
+                args["last_xid"],
+                args["options"],
+            )
+        )
     # ru_maxrss is in kB on Linux (bytes on macOS).
     scale = 1 if sys.platform == "darwin" else 1024
     result["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
     print(json.dumps(result), flush=True)
+
+
+# --- the bare reader: the server's pace, for any client ----------------------------
+
+
+def bare_drain(
+    dsn: str,
+    slot: str,
+    publication: str,
+    end_lsn: int,
+    last_xid: int,
+    proto: int,
+    pause_us: int = 300,
+) -> dict[str, Any]:
+    """Read the slot's frames and throw them away: the server's own pace.
+
+    No decoding and no values: a count of the row changes, and a look at each
+    transaction's xid and end LSN, to stop where walex's drain stops. How a
+    client reads changes what the walsender pays to send (bench/README.md: a
+    reader that waits on the socket, one that reads again without a pause and
+    one that sleeps until 64 kB are there each cost the walsender 1.2-2x what
+    walex does).
+    This one reads the way walex does while it decodes: ``consume_input``,
+    every complete frame, and when that brought nothing it stays busy for
+    *pause_us* microseconds before it reads again. Of the patterns tried, this
+    one cost the walsender least, so its rate is about the most the server
+    delivers to any client on this machine.
+    """
+    import struct
+
+    from psycopg import pq
+    from psycopg.conninfo import make_conninfo
+
+    changes = 0
+    xid = 0
+    commit_end = struct.Struct(">Q")
+    begin_xid = struct.Struct(">I")
+    cpu_start = _cpu_seconds()
+    t_start = time.perf_counter()
+    conn = pq.PGconn.connect(make_conninfo(dsn, replication="database").encode())
+    if conn.status != pq.ConnStatus.OK:
+        raise SystemExit(f"bare reader: {conn.get_error_message()}")
+    query = (
+        f"START_REPLICATION SLOT {slot} LOGICAL 0/0 (proto_version '{proto}', "
+        f"publication_names '{publication}', messages 'true')"
+    )
+    res = conn.exec_(query.encode())
+    if res.status != pq.ExecStatus.COPY_BOTH:
+        raise SystemExit(f"bare reader: {conn.get_error_message()}")
+    conn.nonblocking = 1
+    get = conn.get_copy_data
+    done = False
+    while not done:
+        conn.consume_input()
+        frames = 0
+        while True:
+            n, data = get(1)
+            if n > 0:
+                frames += 1
+                # XLogData: 'w', start, end, clock (25 bytes), then the pgoutput
+                # message: Begin 'B' (final LSN, timestamp, xid), Commit 'C' (flags,
+                # commit LSN, end LSN, timestamp).
+                if data[0] == 0x77:
+                    kind = data[25]
+                    if kind in b"IUD":
+                        changes += 1
+                    elif kind == 0x42:
+                        xid = begin_xid.unpack_from(data, 42)[0]
+                    elif kind == 0x43 and (
+                        xid == last_xid or commit_end.unpack_from(data, 35)[0] >= end_lsn
+                    ):
+                        done = True
+                        break
+            elif n == 0:
+                break
+            else:
+                raise SystemExit(f"bare reader: the stream ended: {conn.get_error_message()}")
+        if not frames:
+            until = time.perf_counter() + pause_us / 1e6
+            while time.perf_counter() < until:
+                pass
+    seconds = time.perf_counter() - t_start
+    cpu = _cpu_seconds() - cpu_start
+    conn.finish()
+    return {"events": changes, "total_s": seconds, "cpu_s": cpu}
 
 
 # --- running children -----------------------------------------------------------
@@ -337,22 +436,39 @@ def walex_child(
     options: dict[str, Any],
     prefix: list[str] | None = None,
 ) -> tuple[dict[str, Any], Finished]:
-    spec = json.dumps(
-        {
-            "dsn": dsn,
-            "slot": slot,
-            "publication": publication,
-            "end_lsn": end_lsn,
-            "last_xid": last_xid,
-            "options": options,
-        }
-    )
-    with WalsenderCPU(dsn, slot) as server:
-        done = run_timed(
-            [*(prefix or []), sys.executable, str(Path(__file__).resolve()), "--child", spec]
-        )
+    spec = {
+        "dsn": dsn,
+        "slot": slot,
+        "publication": publication,
+        "end_lsn": end_lsn,
+        "last_xid": last_xid,
+        "options": options,
+    }
+    return run_child(spec, prefix)
+
+
+def bare_child(dsn: str, slot: str, backlog: Backlog, proto: int) -> dict[str, Any]:
+    spec = {
+        "bare": True,
+        "dsn": dsn,
+        "slot": slot,
+        "publication": PUBLICATION,
+        "end_lsn": backlog.end_lsn,
+        "last_xid": backlog.last_xid,
+        "proto": proto,
+    }
+    return run_child(spec)[0]
+
+
+def run_child(
+    spec: dict[str, Any], prefix: list[str] | None = None
+) -> tuple[dict[str, Any], Finished]:
+    """One ``--child`` drain in its own process, with its walsender's CPU sampled."""
+    argv = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    with WalsenderCPU(spec["dsn"], spec["slot"]) as server:
+        done = run_timed([*(prefix or []), *argv])
     if done.exit_code != 0:
-        raise SystemExit(f"walex child failed ({done.exit_code}):\n{done.stderr}{done.stdout}")
+        raise SystemExit(f"child drain failed ({done.exit_code}):\n{done.stderr}{done.stdout}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     result["server_cpu_s"] = server.seconds
     result["server_waits"] = server.waits
@@ -519,15 +635,24 @@ def run(args: argparse.Namespace) -> int:
     pg.start()
     try:
         dsn = pg.create_database("bench")
+        if args.unix:
+            dsn = pg.dsn("bench", host=str(pg.socket_dir))
+        print(f"clients connect over {'the Unix socket' if args.unix else 'TCP (loopback)'}")
         with psycopg.connect(dsn, autocommit=True) as conn:
             create_schema(conn)
             backlog: Backlog | None = None
-            pairs: list[tuple[str, str]] = []
+            slots: list[tuple[str, str, str]] = []
             if not args.big_only:
-                pairs = [(f"bench_recv_{r}", f"bench_walex_{r}") for r in range(rounds)]
-                for recv_slot, walex_slot in pairs:
-                    create_slot(conn, recv_slot)
-                    create_slot(conn, walex_slot)
+                # --profile and --instructions drain walex's slots only.
+                each = "walex" if args.profile or args.instructions else "recv walex bare"
+                slots = [
+                    (f"bench_recv_{r}", f"bench_walex_{r}", f"bench_bare_{r}")
+                    for r in range(rounds)
+                ]
+                for trio in slots:
+                    for slot in trio:
+                        if slot.split("_")[1] in each:
+                            create_slot(conn, slot)
                 backlog = write_backlog(conn, txns)
                 conn.execute("CHECKPOINT")
                 print(
@@ -537,13 +662,15 @@ def run(args: argparse.Namespace) -> int:
                 )
             if args.instructions:
                 assert backlog is not None
-                return instructions(dsn, pairs[0][1], pairs[-1][1], backlog, options)
+                return instructions(
+                    dsn, slots[0][1], slots[-1][1], backlog, options, args.instructions_out
+                )
             if args.profile:
                 assert backlog is not None
                 return profile(
-                    dsn, pairs[0][1], backlog, options, args.profile_top, args.profile_out
+                    dsn, slots[0][1], backlog, options, args.profile_top, args.profile_out
                 )
-            main_figures = drain_rounds(binaries, dsn, proto, pairs, backlog, options)
+            main_figures = drain_rounds(binaries, dsn, proto, slots, backlog, options)
             big_figures = big_test(conn, dsn, options, args.big_rows) if not args.no_big else None
         summary(binaries, backlog, main_figures, big_figures)
     finally:
@@ -555,69 +682,87 @@ def drain_rounds(
     binaries: PostgresBinaries,
     dsn: str,
     proto: int,
-    pairs: list[tuple[str, str]],
+    slots: list[tuple[str, str, str]],
     backlog: Backlog | None,
     options: dict[str, Any],
 ) -> dict[str, Any] | None:
+    """Each round drains three slots: pg_recvlogical's, walex's and the bare reader's."""
     if backlog is None:
         return None
     n = backlog.changes
     recv: list[Finished] = []
     runs: list[dict[str, Any]] = []
+    bare: list[dict[str, Any]] = []
     print(
         f"{'':6} {'pg_recvlogical':>30} {'client':>6} {'server':>6}   "
         f"{'walex (connect -> drained)':>30} {'drain':>6} {'connect':>7} {'close':>6} "
-        f"{'client':>6} {'server':>6} {'peak':>9}"
+        f"{'client':>6} {'server':>6} {'peak':>9}   {'bare reader':>30} {'server':>6}"
     )
     print(
         f"{'round':6} {'(launch -> exit)':>30} {'cpu s':>6} {'cpu s':>6}   {'':>30} "
-        f"{'only s':>6} {'s':>7} {'s':>6} {'cpu s':>6} {'cpu s':>6} {'RSS':>9}"
+        f"{'only s':>6} {'s':>7} {'s':>6} {'cpu s':>6} {'cpu s':>6} {'RSS':>9}   "
+        f"{'(connect -> drained)':>30} {'cpu s':>6}"
     )
-    for r, (recv_slot, walex_slot) in enumerate(pairs):
-        # Alternate who goes first, so that neither always gets the warmer cache.
-        for who in ("recv", "walex") if r % 2 == 0 else ("walex", "recv"):
+    order = ["recv", "walex", "bare"]
+    for r, (recv_slot, walex_slot, bare_slot) in enumerate(slots):
+        # Rotate who goes first, so that none always gets the warmer cache.
+        for who in order[r % 3 :] + order[: r % 3]:
             if who == "recv":
                 recv.append(recvlogical(binaries, dsn, recv_slot, backlog.end_lsn, proto))
-                continue
-            res, _done = walex_child(
-                dsn, walex_slot, PUBLICATION, backlog.end_lsn, backlog.last_xid, options
-            )
-            if res["events"] != n or res["records"] != backlog.records:
-                raise SystemExit(
-                    f"walex saw {res['events']} events / {res['records']} records, "
-                    f"expected {n} / {backlog.records}"
+            elif who == "bare":
+                got = bare_child(dsn, bare_slot, backlog, proto)
+                if got["events"] != n:
+                    raise SystemExit(f"the bare reader saw {got['events']} changes, not {n}")
+                bare.append(got)
+            else:
+                res, _done = walex_child(
+                    dsn, walex_slot, PUBLICATION, backlog.end_lsn, backlog.last_xid, options
                 )
-            runs.append(res)
-        rv, wx = recv[-1], runs[-1]
+                if res["events"] != n or res["records"] != backlog.records:
+                    raise SystemExit(
+                        f"walex saw {res['events']} events / {res['records']} records, "
+                        f"expected {n} / {backlog.records}"
+                    )
+                runs.append(res)
+        rv, wx, br = recv[-1], runs[-1], bare[-1]
         print(
             f"{r + 1:<6} {rate(n, rv.seconds)} ({rv.seconds:5.2f} s) {rv.cpu_s:6.2f} "
             f"{fmt_s(rv.server_cpu_s):>6}   "
             f"{rate(n, wx['total_s'])} ({wx['total_s']:5.2f} s) {wx['drain_s']:6.2f} "
             f"{wx['connect_s']:7.3f} {wx['close_s']:6.3f} {wx['cpu_s']:6.2f} "
-            f"{fmt_s(wx['server_cpu_s']):>6} {wx['maxrss_mb']:6.1f} MB",
+            f"{fmt_s(wx['server_cpu_s']):>6} {wx['maxrss_mb']:6.1f} MB   "
+            f"{rate(n, br['total_s'])} ({br['total_s']:5.2f} s) {fmt_s(br['server_cpu_s']):>6}",
             flush=True,
         )
     recv_times = [f.seconds for f in recv]
     walex_times = [w["total_s"] for w in runs]
+    bare_times = [b["total_s"] for b in bare]
     figures = {
         "recv_median": statistics.median(recv_times),
         "recv_best": min(recv_times),
         "walex_median": statistics.median(walex_times),
         "walex_best": min(walex_times),
+        "bare_median": statistics.median(bare_times),
+        "bare_best": min(bare_times),
         "walex_drain_median": statistics.median(w["drain_s"] for w in runs),
         "walex_cpu_median": statistics.median(w["cpu_s"] for w in runs),
         "recv_server_cpu": _median_known(f.server_cpu_s for f in recv),
         "walex_server_cpu": _median_known(w["server_cpu_s"] for w in runs),
+        "bare_server_cpu": _median_known(b["server_cpu_s"] for b in bare),
         "recv_server_waits": _median_known(f.server_waits for f in recv),
         "walex_server_waits": _median_known(w["server_waits"] for w in runs),
+        "bare_server_waits": _median_known(b["server_waits"] for b in bare),
         "rss_max": max(w["maxrss_mb"] for w in runs),
         "protocol": runs[-1]["protocol"],
     }
-    for label, rt, wt in (
-        ("best", figures["recv_best"], figures["walex_best"]),
-        ("median", figures["recv_median"], figures["walex_median"]),
+    for label, rt, wt, bt in (
+        ("best", figures["recv_best"], figures["walex_best"], figures["bare_best"]),
+        ("median", figures["recv_median"], figures["walex_median"], figures["bare_median"]),
     ):
-        print(f"{label:<6} {rate(n, rt)} ({rt:5.2f} s) {'':6}   {rate(n, wt)} ({wt:5.2f} s)")
+        print(
+            f"{label:<6} {rate(n, rt)} ({rt:5.2f} s) {'':6} {'':6}   {rate(n, wt)} ({wt:5.2f} s) "
+            f"{'':>55}   {rate(n, bt)} ({bt:5.2f} s)"
+        )
     return figures
 
 
@@ -685,29 +830,42 @@ def summary(
             f"(best vs best {best_ratio:.2f}x)   target >= {TARGET_RATIO:.1f}x  "
             f"{met(ratio >= TARGET_RATIO)}"
         )
+        bare = main["bare_median"]
+        print(
+            f"bare reader    : {n / bare:>9,.0f} changes/s  ({bare:.2f} s, median, connect -> "
+            f"drained; reads and discards, no decoding)   = {main['recv_median'] / bare:.2f}x "
+            f"pg_recvlogical: about the most the server delivers to a client here; walex gets "
+            f"{bare / main['walex_median']:.0%} of it"
+        )
         print(f"walex peak RSS : {main['rss_max']:.0f} MB")
         cpu = main["walex_cpu_median"]
         print(
             f"walex CPU      : {cpu:.2f} s of CPU in the walex process per drain (median), "
             f"{n / cpu:,.0f} changes per CPU-second: its ceiling given a core of its own"
         )
-        server = [c for c in (main["recv_server_cpu"], main["walex_server_cpu"]) if c]
+        server = [
+            c
+            for c in (main["recv_server_cpu"], main["walex_server_cpu"], main["bare_server_cpu"])
+            if c
+        ]
         if server:
             # The same decoding serves both clients; the smaller figure is the
             # least the server needs, so no client can drain faster than this.
             ceiling = n / min(server)
             print(
                 f"walsender CPU  : {fmt_s(main['recv_server_cpu']).strip()} s serving "
-                f"pg_recvlogical, {fmt_s(main['walex_server_cpu']).strip()} s serving walex "
-                f"(median): the server's decoding caps any client near {ceiling:,.0f} "
+                f"pg_recvlogical, {fmt_s(main['walex_server_cpu']).strip()} s serving walex, "
+                f"{fmt_s(main['bare_server_cpu']).strip()} s serving the bare reader "
+                f"(median): its CPU alone caps any client near {ceiling:,.0f} "
                 f"changes/s = {ceiling / (n / main['recv_median']):.2f}x pg_recvlogical"
             )
             if main["walex_server_waits"] is not None:
                 print(
                     f"walsender waits: {main['recv_server_waits']:.0f} serving pg_recvlogical, "
-                    f"{main['walex_server_waits']:.0f} serving walex (voluntary context "
-                    f"switches in a drain, median): a handful means it never waited for the "
-                    f"client, its own CPU set the pace"
+                    f"{main['walex_server_waits']:.0f} serving walex, "
+                    f"{main['bare_server_waits']:.0f} serving the bare reader (voluntary "
+                    f"context switches in a drain, median): a handful means it never waited "
+                    f"for the client, its own CPU set the pace"
                 )
         else:
             print("walsender CPU  : n/a (/proc not readable)")
@@ -762,7 +920,12 @@ def profile(
 
 
 def instructions(
-    dsn: str, small_slot: str, big_slot: str, backlog: Backlog, options: dict[str, Any]
+    dsn: str,
+    small_slot: str,
+    big_slot: str,
+    backlog: Backlog,
+    options: dict[str, Any],
+    out_dir: str | None = None,
 ) -> int:
     """Count the instructions walex executes per change, with callgrind.
 
@@ -772,14 +935,17 @@ def instructions(
     costs, start-up and connection left out. The count is the same from run
     to run (a busy or slow machine changes seconds, not instructions), so it
     shows what a code change gains where timings here vary by a quarter.
+    With *out_dir*, callgrind's files are kept there (``small.out`` and
+    ``whole.out``) for ``callgrind_annotate``.
     """
     if shutil.which("valgrind") is None:
         raise SystemExit("--instructions needs valgrind (apt install valgrind)")
     counts = []
-    for slot, last_xid, expect in (
-        (small_slot, backlog.first_xid, TXN_CHANGES),
-        (big_slot, backlog.last_xid, backlog.changes),
+    for slot, last_xid, expect, name in (
+        (small_slot, backlog.first_xid, TXN_CHANGES, "small"),
+        (big_slot, backlog.last_xid, backlog.changes, "whole"),
     ):
+        out = os.path.join(out_dir, f"{name}.out") if out_dir else "/dev/null"
         # An end LSN no batch reaches: each child stops at the xid.
         res, done = walex_child(
             dsn,
@@ -788,7 +954,7 @@ def instructions(
             2**64 - 1,
             last_xid,
             options,
-            prefix=["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"],
+            prefix=["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"],
         )
         if res["events"] != expect:
             raise SystemExit(f"walex saw {res['events']} events, expected {expect}")
@@ -838,6 +1004,18 @@ def main() -> int:
         action="store_true",
         help="count walex's instructions per change under valgrind's callgrind "
         "(steady where timings are not; use with --rows 50000, it runs ~50x slower)",
+    )
+    parser.add_argument(
+        "--instructions-out",
+        metavar="DIR",
+        help="with --instructions: keep callgrind's files in DIR (small.out, whole.out) "
+        "for callgrind_annotate",
+    )
+    parser.add_argument(
+        "--unix",
+        action="store_true",
+        help="every client connects over the server's Unix socket instead of TCP on "
+        "127.0.0.1 (the target is set over TCP; see bench/README.md)",
     )
     parser.add_argument(
         "--walex-option",
