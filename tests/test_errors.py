@@ -41,6 +41,7 @@ from walex.errors import (
     WalexError,
     WalLevelNotLogical,
 )
+from walex.replication import ReplicationConnection, replication_conninfo
 
 # A role of the "limits" cluster that pg_hba.conf makes log in with
 # scram-sha-256, and its password.
@@ -394,6 +395,26 @@ async def test_authentication_failed(limits_pg: EmbeddedPostgres) -> None:
         async with walex.connect(right, publication="pub") as stream:
             _sql(dsn, "INSERT INTO t VALUES (1)")
             assert [e.new_record for e in await collect(stream, 1)] == [{"id": 1}]
+
+
+async def test_unknown_user(db: Database) -> None:
+    """A role the server does not know: the same clear error on either connection."""
+    db.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    pub = db.unique("pub")
+    db.execute(f"CREATE PUBLICATION {pub} FOR TABLE t")
+    nobody = _with(db.dsn, user="walex_nobody")
+    stream = walex.connect(nobody, publication=pub)
+    with pytest.raises(AuthenticationFailed) as info:
+        await _open_fails(stream)
+    assert '"walex_nobody"' in str(info.value)
+    assert "check the user name" in str(info.value)
+    assert "check the host" not in str(info.value)
+    assert isinstance(info.value.__cause__, psycopg.Error)
+    # The replication connection (opened on its own when the stream reconnects).
+    with pytest.raises(AuthenticationFailed) as direct:
+        await ReplicationConnection.connect(replication_conninfo(nobody), 10)
+    assert '"walex_nobody"' in str(direct.value)
+    assert "check the user name" in str(direct.value)
 
 
 # -- the slot is busy --------------------------------------------------------------

@@ -103,16 +103,39 @@ async def connect_sql(
 
 def connection_error(exc: Exception) -> ConnectionFailed:
     """Translate a psycopg connection failure."""
+    return connection_failure(str(exc))
+
+
+def connection_failure(message: str) -> ConnectionFailed:
+    """The walex error for libpq's message about a failed connection.
+
+    Shared by the SQL and the replication connections, so that one cause
+    reads the same on both.
+    """
     # libpq's messages span lines ("\n\tIs the server running..."): one line reads
     # better in a log and on a terminal.
-    msg = " ".join(str(exc).split())
+    msg = " ".join(message.split())
     low = msg.lower()
-    if "authentication failed" in low or "no password supplied" in low:
+    if "authentication failed" in low:
         return AuthenticationFailed(
             f"the server refused the login ({msg}); check the user name and password"
         )
+    if "no password supplied" in low:
+        return AuthenticationFailed(
+            f"the server asks for a password ({msg}); check the user name and password: "
+            "put the password in the connection string, in PGPASSWORD or in ~/.pgpass"
+        )
+    if "does not exist" in low and re.search(r'\brole "', low):
+        return AuthenticationFailed(f"{msg}; check the user name")
     if "does not exist" in low and "database" in low:
         return ConnectionFailed(f"{msg}; check the database name")
+    if "no pg_hba.conf entry for replication" in low:
+        return ConnectionFailed(
+            f"{msg}; allow replication connections for this user in pg_hba.conf "
+            "(a line with database 'replication')"
+        )
+    if "no pg_hba.conf entry" in low:
+        return ConnectionFailed(f"{msg}; allow this host, user and database in pg_hba.conf")
     return ConnectionFailed(
         f"could not connect to the server ({msg}); check the host, port and that it is running"
     )

@@ -25,7 +25,8 @@ from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq.abc import PGconn, PGresult
 
-from .errors import AuthenticationFailed, ConnectionFailed, StreamError
+from .admin import connection_failure
+from .errors import ConnectionFailed, StreamError
 
 __all__ = [
     "PG_EPOCH_OFFSET_US",
@@ -290,18 +291,7 @@ def _log_task_error(task: asyncio.Task[None]) -> None:
 
 
 def _connect_error(pgconn: PGconn) -> ConnectionFailed:
-    msg = pgconn.get_error_message().strip()
-    low = msg.lower()
-    if "password authentication failed" in low or "authentication failed" in low:
-        return AuthenticationFailed(f"the server refused the login: {msg}")
-    if "no password supplied" in low:
-        return AuthenticationFailed(f"the server asks for a password: {msg}")
-    if "no pg_hba.conf entry for replication" in low:
-        return ConnectionFailed(
-            f"{msg}; allow replication connections for this user in pg_hba.conf "
-            "(a line with database 'replication')"
-        )
-    return ConnectionFailed(f"could not connect to the server: {msg}")
+    return connection_failure(pgconn.get_error_message())
 
 
 async def _wait_fd(loop: asyncio.AbstractEventLoop, fd: int, write: bool = False) -> None:
