@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.fuzz import examples
 from walex import values
 from walex.values import json_loads, make_adapters
 
@@ -188,7 +189,7 @@ json_values = st.recursive(
 
 
 @pytest.mark.parametrize("loads", LOADERS)
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(
     value=json_values,
     ascii_only=st.booleans(),

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.fuzz import examples
 from walex.errors import DecodeError
 from walex.lsn import LSN
 from walex.pgoutput import (
@@ -221,7 +222,7 @@ def test_decode_error_names_the_lsn() -> None:
 _SAMPLES = corpus(16, "text")[:200] + corpus(16, "two_phase")[-60:]
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(st.binary(max_size=64))
 def test_random_bytes_never_crash(data: bytes) -> None:
     for in_stream in (False, True):
@@ -229,7 +230,7 @@ def test_random_bytes_never_crash(data: bytes) -> None:
             decode(data, in_stream)
 
 
-@settings(max_examples=600, deadline=None)
+@settings(max_examples=examples(600), deadline=None)
 @given(st.sampled_from(_SAMPLES), st.data())
 def test_damaged_real_messages_never_crash(msg: bytes, data: st.DataObject) -> None:
     cut = data.draw(st.integers(0, len(msg)))
@@ -270,7 +271,7 @@ def test_c_speedup_agrees_with_python_on_real_rows(major: int, run: str) -> None
 
 
 @pytest.mark.skipif(decoder_module._speedups is None, reason="the C speedup is not built")
-@settings(max_examples=800, deadline=None)
+@settings(max_examples=examples(800), deadline=None)
 @given(st.sampled_from(_SAMPLES), st.data())
 def test_c_speedup_agrees_with_python_on_damaged_rows(msg: bytes, data: st.DataObject) -> None:
     cut = data.draw(st.integers(0, len(msg)))
@@ -283,7 +284,7 @@ def test_c_speedup_agrees_with_python_on_damaged_rows(msg: bytes, data: st.DataO
 
 
 @pytest.mark.skipif(decoder_module._speedups is None, reason="the C speedup is not built")
-@settings(max_examples=800, deadline=None)
+@settings(max_examples=examples(800), deadline=None)
 @given(st.sampled_from([m for m in _SAMPLES if m[:1] in (b"I", b"U", b"D")]), st.data())
 def test_c_fast_path_never_crashes_on_damaged_frames(msg: bytes, data: st.DataObject) -> None:
     from walex.events import Event
