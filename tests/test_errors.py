@@ -47,6 +47,8 @@ from walex.replication import ReplicationConnection, replication_conninfo
 # scram-sha-256, and its password.
 _PW_ROLE = "walex_pw"
 _PASSWORD = "s3cret-Pa55"
+# A role that pg_hba.conf of the "limits" cluster turns away.
+_REJECTED_ROLE = "walex_rejected"
 
 
 # -- helpers -----------------------------------------------------------------
@@ -129,14 +131,19 @@ async def _connect_and_open(dsn: str, **options: Any) -> None:
 
 
 def _add_password_rules(server: EmbeddedPostgres) -> None:
-    """Put a scram-sha-256 rule for one role before initdb's trust lines.
+    """Put a scram-sha-256 rule for one role, and a reject rule for another,
+    before initdb's trust lines.
 
     (A logical replication connection matches the rules of its database,
-    not those of ``replication``: this rule covers both of walex's connections.)
+    not those of ``replication``: these rules cover both of walex's connections.)
     """
     _sql(server.dsn(), f"CREATE ROLE {_PW_ROLE} LOGIN REPLICATION PASSWORD '{_PASSWORD}'")
+    _sql(server.dsn(), f"CREATE ROLE {_REJECTED_ROLE} LOGIN REPLICATION")
     hba = Path(server.data_dir) / "pg_hba.conf"
-    rules = f"host all {_PW_ROLE} 127.0.0.1/32 scram-sha-256\n"
+    rules = (
+        f"host all {_PW_ROLE} 127.0.0.1/32 scram-sha-256\n"
+        f"host all {_REJECTED_ROLE} 127.0.0.1/32 reject\n"
+    )
     # Rewritten in place, so that the file keeps its owner (the server's user).
     hba.write_text(rules + hba.read_text())
     _sql(server.dsn(), "SELECT pg_reload_conf()")
@@ -415,6 +422,21 @@ async def test_unknown_user(db: Database) -> None:
         await ReplicationConnection.connect(replication_conninfo(nobody), 10)
     assert '"walex_nobody"' in str(direct.value)
     assert "check the user name" in str(direct.value)
+
+
+async def test_turned_away_by_pg_hba(limits_pg: EmbeddedPostgres) -> None:
+    with _database(limits_pg, "hba") as dsn:
+        _table_and_publication(dsn)
+        rejected = _with(dsn, user=_REJECTED_ROLE)
+        stream = walex.connect(rejected, publication="pub")
+        with pytest.raises(ConnectionFailed) as info:
+            await _open_fails(stream)
+        assert not isinstance(info.value, AuthenticationFailed)
+        assert "pg_hba.conf rejects connection" in str(info.value)
+        assert "allow this host, user and database in pg_hba.conf" in str(info.value)
+        with pytest.raises(ConnectionFailed) as direct:
+            await ReplicationConnection.connect(replication_conninfo(rejected), 10)
+        assert "allow this host, user and database in pg_hba.conf" in str(direct.value)
 
 
 # -- the slot is busy --------------------------------------------------------------

@@ -134,7 +134,7 @@ def connection_failure(message: str) -> ConnectionFailed:
             f"{msg}; allow replication connections for this user in pg_hba.conf "
             "(a line with database 'replication')"
         )
-    if "no pg_hba.conf entry" in low:
+    if "no pg_hba.conf entry" in low or "pg_hba.conf rejects connection" in low:
         return ConnectionFailed(f"{msg}; allow this host, user and database in pg_hba.conf")
     return ConnectionFailed(
         f"could not connect to the server ({msg}); check the host, port and that it is running"
