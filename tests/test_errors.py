@@ -424,6 +424,21 @@ async def test_unknown_user(db: Database) -> None:
     assert "check the user name" in str(direct.value)
 
 
+async def test_ssl_required_but_not_offered(db: Database) -> None:
+    db.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    pub = db.unique("pub")
+    db.execute(f"CREATE PUBLICATION {pub} FOR TABLE t")
+    tls = _with(db.dsn, sslmode="require")
+    with pytest.raises(ConnectionFailed) as info:
+        await _open_fails(walex.connect(tls, publication=pub))
+    assert "SSL was required" in str(info.value)
+    assert "sslmode" in str(info.value)
+    assert "check the host" not in str(info.value)
+    with pytest.raises(ConnectionFailed) as direct:
+        await ReplicationConnection.connect(replication_conninfo(tls), 10)
+    assert "sslmode" in str(direct.value)
+
+
 async def test_turned_away_by_pg_hba(limits_pg: EmbeddedPostgres) -> None:
     with _database(limits_pg, "hba") as dsn:
         _table_and_publication(dsn)

@@ -134,6 +134,11 @@ def connection_failure(message: str) -> ConnectionFailed:
             f"{msg}; allow replication connections for this user in pg_hba.conf "
             "(a line with database 'replication')"
         )
+    if "ssl" in low and "server does not support" in low:
+        return ConnectionFailed(
+            f"{msg}; turn on ssl in the server's settings, or ask for less with sslmode "
+            "in the connection string (sslmode=prefer uses TLS where the server offers it)"
+        )
     if "no pg_hba.conf entry" in low or "pg_hba.conf rejects connection" in low:
         return ConnectionFailed(f"{msg}; allow this host, user and database in pg_hba.conf")
     return ConnectionFailed(
