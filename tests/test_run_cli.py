@@ -111,13 +111,28 @@ def test_run_config_file_graceful_sigint_confirms_the_handled(db: Database, tmp_
     assert confirmed_flush(db, f"walex_{name}") > LSN.parse(lines[1].split()[2])
 
 
-def test_run_reports_a_bad_reference(capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_reports_a_bad_reference(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert main(["run", "no_such_module_xyz:app"]) == 1
     assert "cannot import module 'no_such_module_xyz'" in capsys.readouterr().err
     assert main(["run", "os:sep"]) == 1
     assert "not a walex.WalEx app" in capsys.readouterr().err
     assert main(["run"]) == 1
     assert "name an app" in capsys.readouterr().err
+    # A callable that needs arguments is not taken for a factory.
+    assert main(["run", "json:dumps"]) == 1
+    assert "json:dumps needs arguments" in capsys.readouterr().err
+    # A factory that fails: its error, one line, not a traceback.
+    (tmp_path / "failing_factory_xyz.py").write_text(
+        "def create_app():\n    raise RuntimeError('DATABASE_URL is not set')\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["run", "failing_factory_xyz:create_app"]) == 1
+    err = capsys.readouterr().err
+    assert "failing_factory_xyz:create_app() raised RuntimeError: DATABASE_URL is not set" in err
+    assert "Traceback" not in err
 
 
 async def test_sigterm_stops_an_app_waiting_as_a_standby(db: Database, tmp_path: Path) -> None:

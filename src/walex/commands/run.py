@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import os
 import sys
 from typing import Any
@@ -54,7 +55,21 @@ def register(subparsers: Any) -> None:
 def _load(ref: str) -> WalEx:
     app = import_object(ref, "MODULE:APP")
     if callable(app) and not isinstance(app, WalEx):
-        app = app()  # a factory: walex run myproject:create_app
+        # A factory: walex run myproject:create_app
+        try:
+            inspect.signature(app).bind()
+        except TypeError:
+            raise ConfigurationError(
+                f"{ref} needs arguments; name a walex.WalEx app, or a factory that takes none"
+            ) from None
+        except ValueError:
+            pass  # no signature to read (some built-ins): call it and see
+        try:
+            app = app()
+        except Exception as exc:
+            raise ConfigurationError(
+                f"{ref}() raised {type(exc).__name__}: {exc} (walex --debug run … shows where)"
+            ) from exc
     if not isinstance(app, WalEx):
         raise ConfigurationError(f"{ref} is a {type(app).__name__}, not a walex.WalEx app")
     return app
