@@ -37,7 +37,6 @@ __all__ = [
     "Check",
     "CheckStatus",
     "ServerFacts",
-    "SlotInfo",
     "SlotStatus",
     "TableRef",
     "connect_sql",
@@ -57,27 +56,12 @@ __all__ = [
 
 
 @dataclass(frozen=True, slots=True)
-class SlotInfo:
-    """A row of ``pg_replication_slots``."""
-
-    name: str
-    plugin: str | None
-    slot_type: str
-    database: str | None
-    temporary: bool
-    active_pid: int | None
-    confirmed_flush_lsn: LSN | None
-    wal_status: str | None
-    two_phase: bool
-
-
-@dataclass(frozen=True, slots=True)
 class ServerFacts:
     """What walex learned about the server before streaming."""
 
     version_num: int
     database: str
-    slot: SlotInfo | None
+    slot: SlotStatus | None
 
 
 async def connect_sql(
@@ -146,33 +130,10 @@ def connection_failure(message: str) -> ConnectionFailed:
     )
 
 
-async def slot_info(conn: psycopg.AsyncConnection[Any], slot: str) -> SlotInfo | None:
+async def slot_info(conn: psycopg.AsyncConnection[Any], slot: str) -> SlotStatus | None:
     """The slot named *slot*, or ``None``."""
-    version = conn.info.server_version
-    two_phase = "two_phase" if version >= 140000 else "false"
-    wal_status = "wal_status" if version >= 130000 else "NULL"
-    cur = await conn.execute(
-        f"""
-        SELECT slot_name::text, plugin::text, slot_type, database::text, temporary,
-               active_pid, confirmed_flush_lsn::text, {wal_status}, {two_phase}
-          FROM pg_replication_slots WHERE slot_name = %s
-        """,
-        (slot,),
-    )
-    row = await cur.fetchone()
-    if row is None:
-        return None
-    return SlotInfo(
-        name=row[0],
-        plugin=row[1],
-        slot_type=row[2],
-        database=row[3],
-        temporary=bool(row[4]),
-        active_pid=row[5],
-        confirmed_flush_lsn=LSN.parse(row[6]) if row[6] else None,
-        wal_status=row[7],
-        two_phase=bool(row[8]),
-    )
+    found = await list_slots(conn, slot)
+    return found[0] if found else None
 
 
 async def preflight(
@@ -391,8 +352,10 @@ def mask_dsn(dsn: str) -> str:
     return _CONNINFO_PASSWORD.sub(r"\1***", dsn)
 
 
-async def list_slots(conn: psycopg.AsyncConnection[Any]) -> list[SlotStatus]:
-    """Every replication slot of the server, with its lag, by name."""
+async def list_slots(
+    conn: psycopg.AsyncConnection[Any], name: str | None = None
+) -> list[SlotStatus]:
+    """Every replication slot of the server (or only the one called *name*), by name."""
     version = conn.info.server_version
     wal_status = "wal_status" if version >= 130000 else "NULL::text"
     safe_wal = "safe_wal_size" if version >= 130000 else "NULL::int8"
@@ -409,8 +372,10 @@ async def list_slots(conn: psycopg.AsyncConnection[Any]) -> list[SlotStatus]:
                pg_wal_lsn_diff(here.lsn, restart_lsn)::int8,
                {wal_status}, {safe_wal}
           FROM pg_replication_slots, here
+         WHERE %(name)s::text IS NULL OR slot_name = %(name)s::text
          ORDER BY slot_name
-        """
+        """,
+        {"name": name},
     )
     return [
         SlotStatus(
