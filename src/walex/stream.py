@@ -132,6 +132,13 @@ def _row_event(
     return _new_event(Event, (*fields, None, None, None, (), False, False))
 
 
+def _message_event(msg: LogicalMessage, seq: int, txn: Transaction) -> Event:
+    """A logical message event (pg_logical_emit_message), made the same way."""
+    fields = ("message", None, None, None, _NO_TOAST, msg.lsn, seq, txn)
+    body = (msg.prefix, msg.content, msg.transactional)
+    return _new_event(Event, (*fields, *body, (), False, False))
+
+
 def _timestamp(us: int) -> datetime:
     return _PG_EPOCH + timedelta(microseconds=us)
 
@@ -1057,27 +1064,7 @@ class Stream:
     def _on_message(self, msg: LogicalMessage, lsn: int) -> None:
         txn = self._txn
         if msg.transactional and txn is not None:
-            self._push(
-                _new_event(
-                    Event,
-                    (
-                        "message",
-                        None,
-                        None,
-                        None,
-                        _NO_TOAST,
-                        msg.lsn,
-                        self._seq,
-                        txn,
-                        msg.prefix,
-                        msg.content,
-                        True,
-                        (),
-                        False,
-                        False,
-                    ),
-                )
-            )
+            self._push(_message_event(msg, self._seq, txn))
             return
         if msg.prefix == HEARTBEAT_PREFIX and not msg.transactional:
             self.heartbeats_received += 1
@@ -1087,25 +1074,7 @@ class Stream:
             return
         # Outside a transaction: a batch of its own, confirmed once handled.
         own = Transaction(0, msg.lsn, _timestamp(self._clock))
-        event = _new_event(
-            Event,
-            (
-                "message",
-                None,
-                None,
-                None,
-                _NO_TOAST,
-                msg.lsn,
-                0,
-                own,
-                msg.prefix,
-                msg.content,
-                msg.transactional,
-                (),
-                False,
-                False,
-            ),
-        )
+        event = _message_event(msg, 0, own)
         self._ready.append(Batch(own, [event], True, msg.lsn))
 
     def _begin(self, txn: Transaction) -> None:
