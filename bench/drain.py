@@ -644,15 +644,15 @@ def run(args: argparse.Namespace) -> int:
             slots: list[tuple[str, str, str]] = []
             if not args.big_only:
                 # --profile and --instructions drain walex's slots only.
-                each = "walex" if args.profile or args.instructions else "recv walex bare"
                 slots = [
                     (f"bench_recv_{r}", f"bench_walex_{r}", f"bench_bare_{r}")
                     for r in range(rounds)
                 ]
-                for trio in slots:
-                    for slot in trio:
-                        if slot.split("_")[1] in each:
-                            create_slot(conn, slot)
+                for recv_slot, walex_slot, bare_slot in slots:
+                    create_slot(conn, walex_slot)
+                    if not (args.profile or args.instructions):
+                        create_slot(conn, recv_slot)
+                        create_slot(conn, bare_slot)
                 backlog = write_backlog(conn, txns)
                 conn.execute("CHECKPOINT")
                 print(
