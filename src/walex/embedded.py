@@ -9,6 +9,11 @@ Postgres refuses to run as root. When the current user is root, the server
 and its tools run as the ``postgres`` system user, or ``nobody`` when there
 is none; the files they need are created for that user.
 
+No server outlives the process that started it: :meth:`EmbeddedPostgres.cleanup`
+(or leaving the ``with`` block) removes it; at exit, a finalizer stops what
+was left running; and a process killed by a signal, which runs no
+finalizer, leaves a small watchdog process behind that does the same.
+
 Example:
     >>> with EmbeddedPostgres() as pg:  # doctest: +SKIP
     ...     dsn = pg.create_database("shop")
@@ -27,6 +32,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import weakref
@@ -444,7 +450,13 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
-def _stop_at_exit(pg_ctl: Path, data_dir: Path, run_as: _RunAs | None, owned: Path | None) -> None:
+def _stop_at_exit(
+    pg_ctl: Path,
+    data_dir: Path,
+    run_as: _RunAs | None,
+    owned: Path | None,
+    watchdogs: list[subprocess.Popen[bytes]],
+) -> None:
     """Stop a cluster that its owner forgot, so that no server outlives us."""
     pid = _read_pid(data_dir)
     if pid is not None and _alive(pid):
@@ -452,6 +464,45 @@ def _stop_at_exit(pg_ctl: Path, data_dir: Path, run_as: _RunAs | None, owned: Pa
             _run([pg_ctl, "stop", "-D", data_dir, "-m", "immediate", "-w"], run_as, timeout=60)
     if owned is not None:
         shutil.rmtree(owned, ignore_errors=True)
+    _dismiss(watchdogs)
+
+
+# The finalizer above runs when the owning process exits normally; a process
+# killed by a signal (SIGKILL, or SIGTERM with no handler) runs nothing. So a
+# running cluster also has a watchdog: a small process that reads its stdin
+# until the owner's end of the pipe closes, which happens however the owner
+# exits. If the owner did not write "done" first, the watchdog does what the
+# finalizer would have done.
+_WATCHDOG = """\
+import os, shutil, subprocess, sys
+pg_ctl, data_dir, owned, uid, gid = sys.argv[1:]
+if sys.stdin.buffer.read():
+    sys.exit(0)
+if os.path.exists(os.path.join(data_dir, "postmaster.pid")):
+    user = {"user": int(uid), "group": int(gid), "extra_groups": []} if uid else {}
+    try:
+        subprocess.run(
+            [pg_ctl, "stop", "-D", data_dir, "-m", "immediate", "-w"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cwd="/", timeout=60, **user,
+        )
+    except (OSError, subprocess.SubprocessError):
+        pass
+if owned:
+    shutil.rmtree(owned, ignore_errors=True)
+"""
+
+
+def _dismiss(watchdogs: list[subprocess.Popen[bytes]]) -> None:
+    """Tell the watchdogs that the owner cleaned up, and let them go."""
+    while watchdogs:
+        dog = watchdogs.pop()
+        if dog.stdin is not None:
+            with contextlib.suppress(OSError):  # it is gone already
+                dog.stdin.write(b"done")
+                dog.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            dog.wait(timeout=10)
 
 
 class EmbeddedPostgres:
@@ -515,6 +566,7 @@ class EmbeddedPostgres:
         conf.append(_quote_setting("port", str(self.port)))
         conf.append(_quote_setting("unix_socket_directories", str(self.socket_dir)))
         self._conf = "".join(line + "\n" for line in conf)
+        self._watchdogs: list[subprocess.Popen[bytes]] = []
         self._finalizer = self._arm_finalizer()
 
     def __repr__(self) -> str:
@@ -562,6 +614,7 @@ class EmbeddedPostgres:
             self._wait_until_gone(pid)
         if not self._finalizer.alive:
             self._finalizer = self._arm_finalizer()
+        self._arm_watchdog()
         self._make_dir(self.base_dir, 0o755)
         self._make_dir(self.socket_dir, 0o700)
         if not (self.data_dir / "PG_VERSION").exists():
@@ -659,6 +712,7 @@ class EmbeddedPostgres:
         else:
             shutil.rmtree(self.data_dir, ignore_errors=True)
             shutil.rmtree(self.socket_dir, ignore_errors=True)
+        _dismiss(self._watchdogs)
 
     def dsn(self, dbname: str = "postgres", **params: str) -> str:
         """A libpq connection string for a database of this cluster.
@@ -740,7 +794,9 @@ class EmbeddedPostgres:
 
     def _arm_finalizer(
         self,
-    ) -> weakref.finalize[[Path, Path, _RunAs | None, Path | None], EmbeddedPostgres]:
+    ) -> weakref.finalize[
+        [Path, Path, _RunAs | None, Path | None, list[subprocess.Popen[bytes]]], EmbeddedPostgres
+    ]:
         return weakref.finalize(
             self,
             _stop_at_exit,
@@ -748,6 +804,36 @@ class EmbeddedPostgres:
             self.data_dir,
             self._run_as,
             self.base_dir if self._owned_base else None,
+            self._watchdogs,
+        )
+
+    def _arm_watchdog(self) -> None:
+        """Start the watchdog (see _WATCHDOG) unless one is on duty."""
+        if any(dog.poll() is None for dog in self._watchdogs):
+            return
+        run_as = self._run_as
+        self._watchdogs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-I",
+                    "-c",
+                    _WATCHDOG,
+                    str(self.binaries.bindir / "pg_ctl"),
+                    str(self.data_dir),
+                    str(self.base_dir) if self._owned_base else "",
+                    str(run_as.uid) if run_as else "",
+                    str(run_as.gid) if run_as else "",
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=_clean_env(),
+                cwd="/",
+                # Out of the terminal's process group: a Ctrl-C meant for
+                # the owner must not take the watchdog with it.
+                start_new_session=True,
+            )
         )
 
     def _connect(self, dbname: str = "postgres") -> psycopg.Connection[TupleRow]:
