@@ -402,6 +402,15 @@ class WalsenderCPU:
             stopping = self._stop.wait(0.05)
 
 
+def run_watched(cmd: list[str], dsn: str, slot: str) -> Finished:
+    """:func:`run_timed`, with the CPU and the waits of the walsender serving *slot*."""
+    with WalsenderCPU(dsn, slot) as server:
+        done = run_timed(cmd)
+    done.server_cpu_s = server.seconds
+    done.server_waits = server.waits
+    return done
+
+
 def fmt_s(seconds: float | None) -> str:
     return "  n/a" if seconds is None else f"{seconds:5.2f}"
 
@@ -418,10 +427,7 @@ def recvlogical(
         "-o", f"proto_version={proto}", "-o", f"publication_names={PUBLICATION}",
         "-o", "messages=true",
     ]  # fmt: skip
-    with WalsenderCPU(dsn, slot) as server:
-        done = run_timed(cmd)
-    done.server_cpu_s = server.seconds
-    done.server_waits = server.waits
+    done = run_watched(cmd, dsn, slot)
     if done.exit_code != 0:
         raise SystemExit(f"pg_recvlogical failed ({done.exit_code}): {done.stderr.strip()}")
     return done
@@ -465,13 +471,12 @@ def run_child(
 ) -> tuple[dict[str, Any], Finished]:
     """One ``--child`` drain in its own process, with its walsender's CPU sampled."""
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
-    with WalsenderCPU(spec["dsn"], spec["slot"]) as server:
-        done = run_timed([*(prefix or []), *argv])
+    done = run_watched([*(prefix or []), *argv], spec["dsn"], spec["slot"])
     if done.exit_code != 0:
         raise SystemExit(f"child drain failed ({done.exit_code}):\n{done.stderr}{done.stdout}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    result["server_cpu_s"] = server.seconds
-    result["server_waits"] = server.waits
+    result["server_cpu_s"] = done.server_cpu_s
+    result["server_waits"] = done.server_waits
     return result, done
 
 
