@@ -472,7 +472,9 @@ def _stop_at_exit(
 # running cluster also has a watchdog: a small process that reads its stdin
 # until the owner's end of the pipe closes, which happens however the owner
 # exits. If the owner did not write "done" first, the watchdog does what the
-# finalizer would have done.
+# finalizer would have done. It is a script of its own, not an import of
+# _stop_at_exit: it starts in milliseconds with only the standard library,
+# and works whatever sys.path the owner had (``-I`` ignores PYTHONPATH).
 _WATCHDOG = """\
 import os, shutil, subprocess, sys
 pg_ctl, data_dir, owned, uid, gid = sys.argv[1:]
