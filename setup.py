@@ -9,8 +9,8 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "walex.pgoutput._speedups",
-            ["src/walex/pgoutput/_speedups.c"],
+            "walex._accel._speedups",
+            ["src/walex/_accel/_speedups.c"],
             optional=True,
         )
     ]

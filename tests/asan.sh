@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The C extension (src/walex/pgoutput/_speedups.c) under AddressSanitizer and
+# The C extension (src/walex/_accel/_speedups.c) under AddressSanitizer and
 # UndefinedBehaviorSanitizer: an out-of-bounds read on a damaged frame, a
 # use-after-free or an overflow stops the run with a report, where the plain
 # build might go on with a wrong value.
@@ -20,10 +20,10 @@ trap 'rm -rf "$work"' EXIT
 cp -r "$root/src" "$work/src"
 inc=$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 suffix=$(python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
-so="$work/src/walex/pgoutput/_speedups$suffix"
+so="$work/src/walex/_accel/_speedups$suffix"
 gcc -shared -fPIC -g -O1 -fno-omit-frame-pointer \
     -fsanitize=address,undefined -fno-sanitize-recover=undefined \
-    -I"$inc" "$root/src/walex/pgoutput/_speedups.c" -o "$so"
+    -I"$inc" "$root/src/walex/_accel/_speedups.c" -o "$so"
 asan=$(gcc -print-file-name=libasan.so)
 
 # The sanitizer runtime must be loaded first, into Python only: the
@@ -42,7 +42,7 @@ export PYTHONPATH="$work/site:$work/src"
 export WALEX_TEST_FUZZ="${WALEX_TEST_FUZZ:-10}"
 cd "$root"
 python -c "
-import walex.pgoutput._speedups as s, sys
+import walex._accel._speedups as s, sys
 if not s.__file__.startswith('$work'):
     sys.exit(f'the sanitized build is not the one imported: {s.__file__}')
 print('sanitized build:', s.__file__)

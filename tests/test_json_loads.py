@@ -13,10 +13,7 @@ from tests.fuzz import examples
 from walex import values
 from walex.values import json_loads, make_adapters
 
-try:
-    from walex.pgoutput import _speedups
-except ImportError:  # pragma: no cover
-    _speedups = None  # type: ignore[assignment]
+from walex._accel import speedups as _speedups
 
 LOADERS = [pytest.param(json_loads, id="python")]
 if _speedups is not None:

@@ -43,6 +43,7 @@ from walex.pgoutput import (
     Update,
     decode,
 )
+from walex._accel import speedups
 from walex.pgoutput import decoder as decoder_module
 from walex.pgoutput.decoder import read_tuple_py
 
@@ -257,7 +258,7 @@ def _c_or_error(data: bytes, pos: int) -> object:
         return DecodeError
 
 
-@pytest.mark.skipif(decoder_module._speedups is None, reason="the C speedup is not built")
+@pytest.mark.skipif(speedups is None, reason="the C speedup is not built")
 @pytest.mark.parametrize("major", MAJORS)
 @pytest.mark.parametrize("run", ["text", "binary", "streaming"])
 def test_c_speedup_agrees_with_python_on_real_rows(major: int, run: str) -> None:
@@ -270,7 +271,7 @@ def test_c_speedup_agrees_with_python_on_real_rows(major: int, run: str) -> None
                 assert _c_or_error(msg, start) == _python_or_error(msg, start)
 
 
-@pytest.mark.skipif(decoder_module._speedups is None, reason="the C speedup is not built")
+@pytest.mark.skipif(speedups is None, reason="the C speedup is not built")
 @settings(max_examples=examples(800), deadline=None)
 @given(st.sampled_from(_SAMPLES), st.data())
 def test_c_speedup_agrees_with_python_on_damaged_rows(msg: bytes, data: st.DataObject) -> None:
@@ -283,12 +284,12 @@ def test_c_speedup_agrees_with_python_on_damaged_rows(msg: bytes, data: st.DataO
     assert _c_or_error(bytes(damaged), start) == _python_or_error(bytes(damaged), start)
 
 
-@pytest.mark.skipif(decoder_module._speedups is None, reason="the C speedup is not built")
+@pytest.mark.skipif(speedups is None, reason="the C speedup is not built")
 @settings(max_examples=examples(800), deadline=None)
 @given(st.sampled_from([m for m in _SAMPLES if m[:1] in (b"I", b"U", b"D")]), st.data())
 def test_c_fast_path_never_crashes_on_damaged_frames(msg: bytes, data: st.DataObject) -> None:
     from walex.events import Event
-    from walex.pgoutput import _speedups
+    from walex._accel import speedups as _speedups
 
     relid = struct.unpack_from(">I", msg, 1)[0]
     ncols = data.draw(st.integers(0, 10))

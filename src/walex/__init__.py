@@ -15,6 +15,7 @@ Example::
 """
 
 from . import errors
+from ._version import __version__
 from .app import WalEx, run
 from .errors import WalexError
 from .events import Batch, Event, Source, Transaction
@@ -35,5 +36,3 @@ __all__ = [
     "errors",
     "run",
 ]
-
-__version__ = "0.1.0"

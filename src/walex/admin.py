@@ -16,7 +16,6 @@ import psycopg
 from psycopg import sql
 
 from .errors import (
-    AuthenticationFailed,
     ConfigurationError,
     ConnectionFailed,
     NoFreeReplicationSlots,
@@ -27,6 +26,8 @@ from .errors import (
     SlotInvalidated,
     SlotNotFound,
     WalLevelNotLogical,
+    connection_failure,
+    mask_dsn,
 )
 from .events import REPLICA_IDENTITY
 from .lsn import LSN
@@ -88,46 +89,6 @@ async def connect_sql(
 def connection_error(exc: Exception) -> ConnectionFailed:
     """Translate a psycopg connection failure."""
     return connection_failure(str(exc))
-
-
-def connection_failure(message: str) -> ConnectionFailed:
-    """The walex error for libpq's message about a failed connection.
-
-    Shared by the SQL and the replication connections, so that one cause
-    reads the same on both.
-    """
-    # libpq's messages span lines ("\n\tIs the server running..."): one line reads
-    # better in a log and on a terminal.
-    msg = " ".join(message.split())
-    low = msg.lower()
-    if "authentication failed" in low:
-        return AuthenticationFailed(
-            f"the server refused the login ({msg}); check the user name and password"
-        )
-    if "no password supplied" in low:
-        return AuthenticationFailed(
-            f"the server asks for a password ({msg}); check the user name and password: "
-            "put the password in the connection string, in PGPASSWORD or in ~/.pgpass"
-        )
-    if "does not exist" in low and re.search(r'\brole "', low):
-        return AuthenticationFailed(f"{msg}; check the user name")
-    if "does not exist" in low and "database" in low:
-        return ConnectionFailed(f"{msg}; check the database name")
-    if "no pg_hba.conf entry for replication" in low:
-        return ConnectionFailed(
-            f"{msg}; allow replication connections for this user in pg_hba.conf "
-            "(a line with database 'replication')"
-        )
-    if "ssl" in low and "server does not support" in low:
-        return ConnectionFailed(
-            f"{msg}; turn on ssl in the server's settings, or ask for less with sslmode "
-            "in the connection string (sslmode=prefer uses TLS where the server offers it)"
-        )
-    if "no pg_hba.conf entry" in low or "pg_hba.conf rejects connection" in low:
-        return ConnectionFailed(f"{msg}; allow this host, user and database in pg_hba.conf")
-    return ConnectionFailed(
-        f"could not connect to the server ({msg}); check the host, port and that it is running"
-    )
 
 
 async def slot_info(conn: psycopg.AsyncConnection[Any], slot: str) -> SlotStatus | None:
@@ -251,7 +212,6 @@ async def preflight(
 
 CheckStatus = Literal["ok", "warn", "fail"]
 
-_CONNINFO_PASSWORD = re.compile(r"(\bpassword\s*=\s*)(?:'(?:[^'\\]|\\.)*'|\S+)")
 
 # The server's rule for slot names (ReplicationSlotValidateName).
 #: What Postgres accepts as a replication slot name.
@@ -328,28 +288,6 @@ class SlotStatus:
     def active(self) -> bool:
         """Whether a process streams from the slot now."""
         return self.active_pid is not None
-
-
-def mask_dsn(dsn: str) -> str:
-    """*dsn* with its password replaced by ``***``, fit for logs and messages.
-
-    Example:
-        >>> mask_dsn("postgresql://app:s3cret@db/app")
-        'postgresql://app:***@db/app'
-    """
-    if "://" in dsn:
-        # A URL: userinfo is what lies between "//" and the last "@" before the path.
-        scheme, rest = dsn.split("://", 1)
-        netloc, sep, path = rest.partition("/")
-        at = netloc.rfind("@")
-        if at != -1 and ":" in netloc[:at]:
-            user = netloc[:at].split(":", 1)[0]
-            netloc = f"{user}:***{netloc[at:]}"
-        masked = f"{scheme}://{netloc}{sep}{path}"
-        # ?password=... in the query string.
-        return re.sub(r"([?&]password=)[^&]*", r"\1***", masked)
-    # key=value form; a quoted value may hold spaces and escaped quotes.
-    return _CONNINFO_PASSWORD.sub(r"\1***", dsn)
 
 
 async def list_slots(

@@ -46,7 +46,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import TupleRow
 
-from .errors import ConfigurationError, WalexError
+from .errors import ConfigurationError, EmbeddedPostgresError, PostgresNotFound
 
 __all__ = [
     "DEFAULT_SETTINGS",
@@ -98,14 +98,6 @@ _LOG_TAIL_LINES = 30
 # logical replication client can hold up a fast shutdown.
 _STOP_TIMEOUT = 90
 _PROC = Path("/proc")
-
-
-class EmbeddedPostgresError(WalexError):
-    """The local Postgres could not be found, set up, started or stopped."""
-
-
-class PostgresNotFound(EmbeddedPostgresError):
-    """No usable Postgres binaries are installed."""
 
 
 class PostgresBinaries(NamedTuple):

@@ -20,7 +20,16 @@ from typing import Any, Literal, NamedTuple
 
 from .lsn import LSN
 
-__all__ = ["Batch", "Event", "EventType", "Source", "Transaction"]
+__all__ = [
+    "Batch",
+    "Event",
+    "EventType",
+    "Source",
+    "Transaction",
+    "message_event",
+    "row_event",
+    "truncate_event",
+]
 
 EventType = Literal["insert", "update", "delete", "truncate", "message"]
 
@@ -219,3 +228,103 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.events)
+
+
+# -- the one way events are made ------------------------------------------------
+#
+# Events are made on the hot path, so not through NamedTuple's keyword-taking
+# __new__: tuple.__new__ on the fields in order. These three functions are the
+# only places that know the field order (the C fast path, _accel/_speedups.c,
+# builds row events the same way; tests compare the two).
+
+_new = tuple.__new__
+_new_lsn = int.__new__  # LSN(x) without the range check: the server's positions are valid
+_NO_TOAST: frozenset[str] = frozenset()
+
+
+def row_event(
+    kind: str,
+    source: Source,
+    new: dict[str, Any] | None,
+    old: dict[str, Any] | None,
+    toast: frozenset[str],
+    lsn: int,
+    seq: int,
+    txn: Transaction,
+) -> Event:
+    """An insert, update or delete event."""
+    return _new(
+        Event,
+        (
+            kind,
+            source,
+            new,
+            old,
+            toast,
+            _new_lsn(LSN, lsn),
+            seq,
+            txn,
+            None,
+            None,
+            None,
+            (),
+            False,
+            False,
+        ),
+    )
+
+
+def truncate_event(
+    source: Source,
+    lsn: int,
+    seq: int,
+    txn: Transaction,
+    truncated: tuple[str, ...],
+    cascade: bool,
+    restart_identity: bool,
+) -> Event:
+    """The event of one table truncated by a TRUNCATE statement."""
+    return _new(
+        Event,
+        (
+            "truncate",
+            source,
+            None,
+            None,
+            _NO_TOAST,
+            _new_lsn(LSN, lsn),
+            seq,
+            txn,
+            None,
+            None,
+            None,
+            truncated,
+            cascade,
+            restart_identity,
+        ),
+    )
+
+
+def message_event(
+    prefix: str, content: bytes, transactional: bool, lsn: int, seq: int, txn: Transaction
+) -> Event:
+    """A logical message event (``pg_logical_emit_message``)."""
+    return _new(
+        Event,
+        (
+            "message",
+            None,
+            None,
+            None,
+            _NO_TOAST,
+            _new_lsn(LSN, lsn),
+            seq,
+            txn,
+            prefix,
+            content,
+            transactional,
+            (),
+            False,
+            False,
+        ),
+    )

@@ -6,8 +6,10 @@ objects: no I/O, usable inside handlers, in tests and on anything
 
 Table names follow one rule everywhere in walex: ``"todo"`` means the table
 ``todo`` in the schema ``public``, ``"app.todo"`` names the schema, and
-``"*"`` / ``"app.*"`` mean every table (of a schema). Quote a name that holds
-a dot: ``'"odd.name"'``. ``schema:table`` (WalEx's spelling) is accepted too.
+``"*"`` / ``"app.*"`` mean every table (of a schema), ``"order_*"`` is a
+shell-style pattern. Quote a name that holds a dot: ``'"odd.name"'``.
+``schema:table`` (WalEx's spelling) is accepted too. The grammar is
+:mod:`walex.names`.
 
 Example::
 
@@ -22,9 +24,10 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, Literal
 
 from .events import Batch, Event, Source
+from .names import TablePattern, parse_pattern
 
 __all__ = [
     "Relation",
@@ -52,73 +55,18 @@ Events = Batch | Iterable[Event]
 _TYPES = frozenset({"insert", "update", "delete", "truncate", "message"})
 
 
-class Relation(NamedTuple):
-    """A table pattern: ``schema`` and ``table``, either ``None`` for "any"."""
-
-    schema: str | None
-    table: str | None
-
-    def matches(self, source: Source | None) -> bool:
-        """Whether a change of *source* (a table) falls under this pattern."""
-        if source is None:
-            return False
-        return (self.schema is None or self.schema == source.schema) and (
-            self.table is None or self.table == source.table
-        )
-
-    def __str__(self) -> str:
-        schema = "*" if self.schema is None else _quote(self.schema)
-        table = "*" if self.table is None else _quote(self.table)
-        return "*" if self.schema is None and self.table is None else f"{schema}.{table}"
+Relation = TablePattern
+"""A table pattern (see :mod:`walex.names`): ``schema`` and ``table``, ``None`` for any."""
 
 
-def _quote(name: str) -> str:
-    if name.isidentifier() and name == name.lower():
-        return name
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _split(text: str) -> list[str]:
-    """Split ``a.b`` on dots (or a colon) outside double quotes; unquote the parts."""
-    parts: list[str] = []
-    current: list[str] = []
-    quoted = False
-    was_quoted = False
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if quoted:
-            if ch == '"':
-                if text[i + 1 : i + 2] == '"':
-                    current.append('"')
-                    i += 1
-                else:
-                    quoted = False
-            else:
-                current.append(ch)
-        elif ch == '"':
-            quoted = was_quoted = True
-        elif ch in ".:":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-        i += 1
-    if quoted:
-        raise ValueError(f"unbalanced double quote in table name {text!r}")
-    last = "".join(current)
-    if last == "" and not was_quoted and parts:
-        raise ValueError(f"empty name in {text!r}")
-    parts.append(last)
-    return parts
-
-
-def parse_relation(pattern: str | tuple[str, str] | Relation, *, bare: str = "table") -> Relation:
-    """Turn a table pattern into a :class:`Relation`.
+def parse_relation(
+    pattern: str | tuple[str, str] | TablePattern, *, bare: Literal["table", "schema"] = "table"
+) -> TablePattern:
+    """Turn a table pattern into a :class:`Relation` (:func:`walex.names.parse_pattern`).
 
     Args:
         pattern: ``"todo"``, ``"app.todo"``, ``"app:todo"``, ``"app.*"``,
-            ``"*"``, a quoted name (``'"Odd Table"'``) or a
+            ``"order_*"``, ``"*"``, a quoted name (``'"Odd Table"'``) or a
             ``(schema, table)`` pair.
         bare: what a name without a schema means: ``"table"`` (a table in
             ``public``, the rule for subscriptions and handlers) or
@@ -127,28 +75,7 @@ def parse_relation(pattern: str | tuple[str, str] | Relation, *, bare: str = "ta
     Raises:
         ValueError: the pattern is empty or malformed.
     """
-    if isinstance(pattern, Relation):
-        return pattern
-    if isinstance(pattern, tuple):
-        schema, table = pattern
-        return Relation(None if schema == "*" else schema, None if table == "*" else table)
-    if not isinstance(pattern, str) or not pattern.strip():
-        raise ValueError(f"a table pattern must be a non-empty string, not {pattern!r}")
-    text = pattern.strip()
-    if text == "*":
-        return Relation(None, None)
-    parts = _split(text)
-    if len(parts) == 1:
-        (name,) = parts
-        if bare == "schema":
-            return Relation(name, None)
-        return Relation("public", name)
-    if len(parts) == 2:
-        schema, table = parts
-        if not schema:
-            raise ValueError(f"empty schema in table pattern {pattern!r}")
-        return Relation(None if schema == "*" else schema, None if table == "*" else table)
-    raise ValueError(f"table pattern {pattern!r} has more than one dot; quote names with dots")
+    return parse_pattern(pattern, bare=bare)
 
 
 def _events(events: Events) -> Iterable[Event]:

@@ -25,8 +25,7 @@ from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq.abc import PGconn, PGresult
 
-from .admin import connection_failure
-from .errors import ConnectionFailed, StreamError
+from .errors import ConnectionFailed, ServerError, StreamError, connection_failure
 
 __all__ = [
     "PG_EPOCH_OFFSET_US",
@@ -67,18 +66,6 @@ def replication_conninfo(dsn: str, **extra: Any) -> str:
     params["client_encoding"] = "UTF8"
     params.update(extra)
     return make_conninfo("", **params)
-
-
-class ServerError(StreamError):
-    """The server answered a replication command with an error.
-
-    Attributes:
-        sqlstate: the SQLSTATE code, when the server sent one.
-    """
-
-    def __init__(self, message: str, sqlstate: str | None) -> None:
-        super().__init__(message)
-        self.sqlstate = sqlstate
 
 
 def _result_error(res: PGresult) -> ServerError:

@@ -32,6 +32,7 @@ from typing import IO, Any, Literal
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+from ._accel import speedups
 from .admin import (
     SLOT_NAME,
     ServerFacts,
@@ -100,13 +101,7 @@ _XLOG_HEADER = struct.Struct(">QQq")
 _SPOOL_RECORD = struct.Struct(">QI")
 _NO_TOAST: frozenset[str] = frozenset()
 _new_event = tuple.__new__
-try:
-    from .pgoutput import _speedups
-
-    _speedups.setup_events(Event, LSN, frozenset())
-    _row_events_fast = _speedups.row_events
-except ImportError:  # pragma: no cover - built where a C compiler is available
-    _row_events_fast = None  # type: ignore[assignment]
+_row_events_fast = speedups.row_events if speedups is not None else None
 _new_lsn = int.__new__  # LSN(x) without the range check: the server's positions are valid
 
 # SQLSTATEs the server uses for a slot held by another process, a missing

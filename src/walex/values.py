@@ -32,6 +32,7 @@ from psycopg.types.multirange import MultirangeInfo, register_multirange
 from psycopg.types.range import RangeInfo, register_range
 from psycopg.types.string import TextBinaryLoader, TextLoader
 
+from ._accel import orjson, speedups
 from .events import REPLICA_IDENTITY, Source
 from .pgoutput.messages import UNCHANGED_TOAST, Relation, TupleData
 
@@ -49,10 +50,7 @@ _TEXT = Format.TEXT
 _BINARY = Format.BINARY
 
 
-try:
-    import orjson as _orjson
-except ImportError:  # pragma: no cover - orjson is optional
-    _orjson = None  # type: ignore[assignment]
+_orjson = orjson
 
 _long_number = re.compile(rb"[0-9]{19}").search
 
@@ -79,23 +77,16 @@ class _JsonLoader(Loader):
         return json_loads(data if type(data) is bytes else bytes(data))
 
 
-try:
-    from .pgoutput import _speedups
-except ImportError:  # pragma: no cover - built where a C compiler is available
-    _speedups = None  # type: ignore[assignment]
-
-if _speedups is not None:
-    if _orjson is not None:
-        _speedups.setup_json(_orjson.loads, _orjson.JSONDecodeError, json.loads)
-    else:  # pragma: no cover - the test extra installs orjson
-        _speedups.setup_json(None, None, json.loads)
+if speedups is not None:
+    _c_json_loads = speedups.json_loads
+    _c_jsonb_loads = speedups.jsonb_loads
 
     class _FastJsonLoader(Loader):
         """The same answers as :class:`_JsonLoader`, from a JSON parser in C
         that leaves what it does not handle to orjson and json.loads. psycopg
         calls ``load`` with bytes, so no Python frame is needed on the way."""
 
-        load = staticmethod(_speedups.json_loads)  # type: ignore[assignment]
+        load = staticmethod(_c_json_loads)
 
     _JsonTextLoader: type[Loader] = _FastJsonLoader
 else:  # pragma: no cover
@@ -120,13 +111,13 @@ class _JsonBinaryLoader(_JsonTextLoader):  # type: ignore[valid-type,misc]
 
 
 _JsonbBinary: type[Loader] = _JsonbBinaryLoader
-if _speedups is not None:
+if speedups is not None:
 
     class _FastJsonbBinaryLoader(Loader):
         """:class:`_JsonbBinaryLoader` in C."""
 
         format = _BINARY
-        load = staticmethod(_speedups.jsonb_loads)  # type: ignore[assignment]
+        load = staticmethod(_c_jsonb_loads)
 
     _JsonbBinary = _FastJsonbBinaryLoader
 

@@ -7,7 +7,7 @@ import string
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from ..errors import ConfigurationError, WalexError
+from ..errors import ConfigurationError, DestinationError
 from ..events import Event
 from ..wire import encode_value
 
@@ -37,41 +37,6 @@ class Destination(Protocol):
 
     async def close(self) -> None:
         """Disconnect. Called once, also after a failed :meth:`start`."""
-
-
-class DestinationError(WalexError):
-    """A destination could not deliver events.
-
-    Attributes:
-        destination: the destination's name.
-        retryable: whether sending again may succeed (a broken connection, a
-            5xx answer) or not (a 4xx answer, a message the broker refuses).
-        retry_after: how long the receiver asked us to wait, in seconds
-            (``Retry-After``), if it did.
-        failed: the events that were not accepted, when the destination knows
-            which (those before them were); ``None`` means all of them.
-        rejected: the events at the head of *failed* that the receiver
-            refused for good (a 4xx answer to them); the error policy takes
-            those, and the rest of *failed* is sent on. ``None``: the error
-            is about all of *failed*.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        destination: str = "",
-        retryable: bool = True,
-        retry_after: float | None = None,
-        failed: Sequence[Event] | None = None,
-        rejected: Sequence[Event] | None = None,
-    ) -> None:
-        super().__init__(f"{destination}: {message}" if destination else message)
-        self.destination = destination
-        self.retryable = retryable
-        self.retry_after = retry_after
-        self.failed = failed
-        self.rejected = rejected
 
 
 # -- optional client libraries --------------------------------------------

@@ -149,7 +149,7 @@ class Webhook:
         """Make the HTTP client (connections open on first use)."""
         import httpx
 
-        from .. import __version__
+        from .._version import __version__
 
         if self._client is None:
             self._client = httpx.AsyncClient(

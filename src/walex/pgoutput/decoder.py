@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
+from .._accel import speedups
 from ..errors import DecodeError
 from ..lsn import LSN
 from .messages import (
@@ -99,15 +100,9 @@ def read_tuple(data: bytes, pos: int) -> tuple[TupleData, int]:
     return TupleData(values, nbin, ntext, ntoast), pos
 
 
-try:
-    from . import _speedups
-except ImportError:  # pragma: no cover - built where a C compiler is available
-    _speedups = None  # type: ignore[assignment]
-
 read_tuple_py = read_tuple
-if _speedups is not None:
-    _speedups.setup(UNCHANGED_TOAST, TupleData, DecodeError)
-    read_tuple = _speedups.read_tuple
+if speedups is not None:
+    read_tuple = speedups.read_tuple
 
 
 def _kinds(data: bytes, pos: int, ncols: int) -> bytes:

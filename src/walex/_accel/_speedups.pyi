@@ -1,6 +1,6 @@
 from typing import Any
 
-from .messages import TupleData
+from ..pgoutput.messages import TupleData
 
 def setup(
     toast_marker: Any, tuple_type: type[TupleData], decode_error: type[Exception]

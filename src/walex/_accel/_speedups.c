@@ -138,7 +138,7 @@ read_tuple(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "On", &data, &pos))
         return NULL;
     if (tuple_type == NULL)
-        return fail("walex._speedups.setup() was not called");
+        return fail("walex._accel._speedups.setup() was not called");
     if (!PyBytes_Check(data)) {
         PyErr_SetString(PyExc_TypeError, "data must be bytes");
         return NULL;
@@ -589,7 +589,7 @@ static PyObject *
 json_loads(PyObject *self, PyObject *data)
 {
     if (slow_loads == NULL)
-        return fail("walex._speedups.setup_json() was not called");
+        return fail("walex._accel._speedups.setup_json() was not called");
     if (PyBytes_Check(data)) {
         PyObject *res = jp_parse((const unsigned char *)PyBytes_AS_STRING(data),
                                  PyBytes_GET_SIZE(data));
@@ -652,7 +652,7 @@ jsonb_loads(PyObject *self, PyObject *data)
  * Update (no old row, or the whole old row 'O') or a Delete ('O'), of a
  * table in *fast_map*, every value in one format, no unchanged TOAST, as
  * many values as columns. Anything else — and any value a loader refuses —
- * returns None, and the Python path (stream.py) does the work, with its
+ * returns None, and the Python path (transactions.py) does the work, with its
  * error handling. The result equals what the Python path makes.
  * --------------------------------------------------------------------- */
 static PyObject *event_type = NULL;     /* walex.events.Event */
@@ -862,7 +862,7 @@ frame_event(PyObject *frame, PyObject *fast_map, PyObject *txn, PyObject *seq,
         Py_RETURN_NONE;
     }
 
-    /* int.__new__(LSN, value): what stream.py does, no range check needed. */
+    /* int.__new__(LSN, value): what transactions.py does, no range check needed. */
     PyObject *lsn_obj = subtype_new(&PyLong_Type, lsn_type, PyLong_FromUnsignedLongLong(lsn));
     if (lsn_obj == NULL)
         goto error;
@@ -1043,7 +1043,7 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "walex.pgoutput._speedups",
+    PyModuleDef_HEAD_INIT, "walex._accel._speedups",
     "The decoder's hot loop in C (optional).", -1, methods, NULL, NULL, NULL, NULL,
 };
 
