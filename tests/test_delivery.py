@@ -371,7 +371,7 @@ async def test_cancelling_a_read_loses_nothing(db: Database) -> None:
     """Cancel __anext__ while it looks up a new table in the catalog."""
     pub, slot = make_table(db)
     async with walex.connect(db.dsn, publication=pub, slot=slot, durable=True) as stream:
-        original = stream._on_relation
+        original = stream._describe
         entered = asyncio.Event()
 
         async def slow_relation(msg):  # type: ignore[no-untyped-def]
@@ -379,13 +379,13 @@ async def test_cancelling_a_read_loses_nothing(db: Database) -> None:
             await asyncio.sleep(30)
             await original(msg)
 
-        stream._on_relation = slow_relation  # type: ignore[method-assign]
+        stream._describe = slow_relation  # type: ignore[method-assign]
         db.execute("INSERT INTO t VALUES (1, 'a')")
         reader = asyncio.ensure_future(stream.__anext__())
         await asyncio.wait_for(entered.wait(), 20)
         reader.cancel()
         with pytest.raises(asyncio.CancelledError):
             await reader
-        stream._on_relation = original  # type: ignore[method-assign]
+        stream._describe = original  # type: ignore[method-assign]
         (event,) = await collect(stream, 1)
     assert event.new_record == {"id": 1, "v": "a"}

@@ -606,6 +606,7 @@ def test_every_error_has_one_root() -> None:
     # The rest are the translation functions, nothing else.
     assert {n for n in errors.__all__ if not isinstance(getattr(errors, n), type)} == {
         "connection_failure",
+        "conninfo_error",
         "is_transient",
         "mask_dsn",
         "scrub",

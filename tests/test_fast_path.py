@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 
 import walex
-import walex.stream
+import walex.transactions
 from tests.fix_pg import Database
 from tests.streams import collect
 
 pytestmark = pytest.mark.skipif(
-    walex.stream._row_events_fast is None, reason="the C speedup is not built"
+    walex.transactions._row_events_fast is None, reason="the C speedup is not built"
 )
 
 WORKLOAD = [
@@ -81,7 +81,7 @@ async def test_fast_and_python_paths_agree(
         ) as stream:
             return await collect(stream, COUNT)
 
-    real = walex.stream._row_events_fast
+    real = walex.transactions._row_events_fast
     assert real is not None
     hits = 0
 
@@ -91,11 +91,11 @@ async def test_fast_and_python_paths_agree(
         hits += result[0]
         return result
 
-    monkeypatch.setattr(walex.stream, "_row_events_fast", counting)
+    monkeypatch.setattr(walex.transactions, "_row_events_fast", counting)
     fast = await read(slots[0])
     # Most rows take the fast path (all but TOAST, infinity, key-only old rows).
     assert hits >= 60
-    monkeypatch.setattr(walex.stream, "_row_events_fast", None)
+    monkeypatch.setattr(walex.transactions, "_row_events_fast", None)
     slow = await read(slots[1])
     assert len(fast) == len(slow) == COUNT
     for a, b in zip(fast, slow, strict=True):

@@ -14,15 +14,17 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize(
     "command",
     [
-        ["ruff", "check", "src", "tests"],
+        ["-m", "ruff", "check", "src", "tests"],
         # Files and options come from [tool.mypy] in pyproject.toml.
-        ["mypy", "--strict"],
+        ["-m", "mypy", "--strict"],
+        # The layering contract in [tool.importlinter] of pyproject.toml.
+        ["-c", "import sys; from importlinter.cli import lint_imports; sys.exit(lint_imports())"],
     ],
-    ids=["ruff", "mypy"],
+    ids=["ruff", "mypy", "import-linter"],
 )
 def test_tool_is_clean(command: list[str]) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", *command],
+        [sys.executable, *command],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -35,6 +35,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from .admin import mask_dsn
 from .errors import ConfigurationError
 from .filters import parse_relation
+from .options import option_specs
 
 __all__ = [
     "ENGINE_OPTIONS",
@@ -95,25 +96,10 @@ _APP = {
     "dead_letter": _Spec("dead_letter", "a callable, or the path of a JSON-lines file"),
     "stop_timeout": _Spec("float", "seconds a graceful stop waits for handlers", minimum=0),
 }
+# The engine's options come from the one place that defines them.
 _ENGINE = {
-    "create_slot": _Spec("bool", "true or false"),
-    "start_lsn": _Spec("str", 'an LSN such as "16/B374D848"'),
-    "binary": _Spec("bool", "true or false"),
-    "streaming": _Spec("bool", "true or false"),
-    "two_phase": _Spec("bool", "true or false"),
-    "origin": _Spec("choice", '"none" or "any"', ("none", "any")),
-    "messages": _Spec("bool", "true or false"),
-    "max_batch_events": _Spec("int", "a whole number of at least 1", minimum=1),
-    "max_batch_bytes": _Spec("int", "a size in bytes, at least 1", minimum=1),
-    "heartbeat_interval": _Spec("float", "seconds, more than 0", minimum=0.001),
-    "status_interval": _Spec("float", "seconds, more than 0", minimum=0.001),
-    "allow_gap": _Spec("bool", "true or false"),
-    "wait_for_slot": _Spec("bool", "true or false"),
-    "standby_retry": _Spec("float", "seconds, more than 0", minimum=0.001),
-    "reconnect": _Spec("bool", "true or false"),
-    "max_reconnect_delay": _Spec("float", "seconds", minimum=0),
-    "connect_timeout": _Spec("float", "seconds, more than 0", minimum=0.001),
-    "spool_dir": _Spec("str", "a directory for streamed transactions"),
+    o.name: _Spec("str" if o.kind == "lsn" else o.kind, o.help, o.choices, o.minimum)
+    for o in option_specs()
 }
 SETTINGS: dict[str, _Spec] = {**_CONNECTION, **_APP, **_ENGINE}
 """Every setting, by key: its kind and what it accepts."""

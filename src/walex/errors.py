@@ -68,6 +68,7 @@ __all__ = [
     "WalLevelNotLogical",
     "WalexError",
     "connection_failure",
+    "conninfo_error",
     "is_transient",
     "mask_dsn",
     "scrub",
@@ -249,6 +250,20 @@ def mask_dsn(dsn: str) -> str:
         return re.sub(r"([?&]password=)[^&]*", r"\1***", masked)
     # key=value form; a quoted value may hold spaces and escaped quotes.
     return _CONNINFO_PASSWORD.sub(r"\1***", dsn)
+
+
+def conninfo_error(exc: Exception, what: str = "connection string") -> ConfigurationError:
+    """The error for a connection string that libpq cannot read.
+
+    libpq's message quotes the part it stumbled on, which may be a password:
+    only its reason is kept, never what it quotes.
+    """
+    reason = str(exc).split(":", 1)[0].strip()
+    reason = re.sub(r'"[^"]{2,}"', '"…"', reason)
+    return ConfigurationError(
+        f"invalid {what} ({reason}): write it as postgresql://user@host:port/db "
+        "or as key=value pairs"
+    )
 
 
 def scrub(text: str) -> str:

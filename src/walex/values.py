@@ -5,10 +5,10 @@ Relation message). The codec holds two psycopg transformers, one for text and
 one for binary values, set up for the table's column types, so that a whole
 row is loaded by one call into psycopg's C code.
 
-Types psycopg does not know (enums, domains, composites, ranges over them,
-hstore, arrays of these) are looked up once in the catalog over a normal
-connection and registered in walex's own adapters map. A type that nothing
-knows arrives as its text (or, in binary mode, as its raw bytes).
+Types psycopg does not know are looked up by :mod:`walex.catalog` and
+registered in walex's own adapters map. A type that nothing knows arrives as
+its text (or, in binary mode, as its raw bytes). This module does no I/O: it
+turns bytes into values and rows into records (TOAST included), nothing more.
 """
 
 from __future__ import annotations
@@ -20,17 +20,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import psycopg
-from psycopg import sql
 from psycopg.abc import Buffer
 from psycopg.adapt import AdaptersMap, Loader, Transformer
 from psycopg.pq import Format
-from psycopg.types import TypeInfo
 from psycopg.types import datetime as dt
-from psycopg.types.composite import CompositeInfo, register_composite
-from psycopg.types.hstore import register_hstore
-from psycopg.types.multirange import MultirangeInfo, register_multirange
-from psycopg.types.range import RangeInfo, register_range
-from psycopg.types.string import TextBinaryLoader, TextLoader
 
 from ._accel import orjson, speedups
 from .events import REPLICA_IDENTITY, Source
@@ -38,7 +31,6 @@ from .pgoutput.messages import UNCHANGED_TOAST, Relation, TupleData
 
 __all__ = [
     "RelationCodec",
-    "TypeResolver",
     "has_binary_loader",
     "make_adapters",
     "make_tolerant_adapters",
@@ -183,116 +175,6 @@ def _infinity_binary(base: type[Loader], is_date: bool) -> type[Loader]:
 def has_binary_loader(adapters: AdaptersMap, oid: int) -> bool:
     """Whether psycopg can read values of type *oid* in binary format."""
     return adapters.get_loader(oid, _BINARY) is not None
-
-
-class TypeResolver:
-    """Registers loaders for types psycopg does not know, looked up once.
-
-    Args:
-        adapters: where to register the loaders.
-    """
-
-    def __init__(self, adapters: AdaptersMap) -> None:
-        self.adapters = adapters
-        self._seen: set[int] = set()
-
-    def unknown(self, oids: Sequence[int]) -> list[int]:
-        """The OIDs among *oids* that are neither known nor looked up yet."""
-        types = self.adapters.types
-        return [o for o in set(oids) if o not in self._seen and types.get(o) is None]
-
-    async def resolve(self, conn: psycopg.AsyncConnection[Any], oids: Sequence[int]) -> None:
-        """Look up *oids* in the catalog and register a loader for each."""
-        todo = self.unknown(oids)
-        while todo:
-            rows = await (
-                await conn.execute(
-                    """
-                    SELECT t.oid::int8, n.nspname, t.typname, t.typtype, t.typbasetype::int8,
-                           t.typelem::int8, t.typarray::int8, t.typcategory,
-                           e.extname
-                      FROM pg_type t
-                      JOIN pg_namespace n ON n.oid = t.typnamespace
-                      LEFT JOIN pg_depend d ON d.classid = 'pg_type'::regclass
-                           AND d.objid = t.oid AND d.deptype = 'e'
-                      LEFT JOIN pg_extension e ON e.oid = d.refobjid
-                     WHERE t.oid = ANY(%s)
-                    """,
-                    (todo,),
-                )
-            ).fetchall()
-            self._seen.update(todo)
-            found = {r[0] for r in rows}
-            for oid in todo:
-                if oid not in found:
-                    logger.warning("type OID %s is not in the catalog; its values stay text", oid)
-            follow: list[int] = []
-            for oid, nsp, name, typtype, base, elem, array, category, ext in rows:
-                if category == "A" and elem:
-                    # An array of a type we do not know yet: load the element
-                    # type; registering it registers its array too.
-                    if self.adapters.types.get(elem) is None:
-                        follow.append(elem)
-                    continue
-                try:
-                    await self._register(conn, oid, nsp, name, typtype, base, array, ext)
-                except (psycopg.Error, TypeError, ValueError) as exc:
-                    logger.warning(
-                        "cannot load type %s.%s (OID %s), its values stay text: %s",
-                        nsp,
-                        name,
-                        oid,
-                        exc,
-                    )
-            todo = self.unknown(follow)
-
-    async def _register(
-        self,
-        conn: psycopg.AsyncConnection[Any],
-        oid: int,
-        nsp: str,
-        name: str,
-        typtype: str,
-        base: int,
-        array: int,
-        ext: str | None,
-    ) -> None:
-        qualified = sql.Identifier(nsp, name)
-        adapters = self.adapters
-        if typtype == "e":
-            # Enums load as their label, a str, in text and binary alike.
-            TypeInfo(name, oid, array).register(adapters)
-            adapters.register_loader(oid, TextLoader)
-            adapters.register_loader(oid, TextBinaryLoader)
-        elif typtype == "d":
-            if adapters.types.get(base) is None:
-                await self.resolve(conn, [base])
-            TypeInfo(name, oid, array).register(adapters)
-            for fmt in (_TEXT, _BINARY):
-                loader = adapters.get_loader(base, fmt)
-                if loader is not None:
-                    adapters.register_loader(oid, loader)
-        elif typtype == "c":
-            info = await CompositeInfo.fetch(conn, qualified)
-            if info is not None:
-                await self.resolve(conn, info.field_types)
-                register_composite(info, adapters)
-        elif typtype == "r":
-            rinfo = await RangeInfo.fetch(conn, qualified)
-            if rinfo is not None:
-                await self.resolve(conn, [rinfo.subtype_oid])
-                register_range(rinfo, adapters)
-        elif typtype == "m":
-            minfo = await MultirangeInfo.fetch(conn, qualified)
-            if minfo is not None:
-                await self.resolve(conn, [minfo.subtype_oid])
-                register_multirange(minfo, adapters)
-        elif ext == "hstore" and name == "hstore":
-            hinfo = await TypeInfo.fetch(conn, qualified)
-            if hinfo is not None:
-                register_hstore(hinfo, adapters)
-        else:
-            logger.info("type %s.%s (OID %s) has no loader; its values stay text", nsp, name, oid)
 
 
 class RelationCodec:

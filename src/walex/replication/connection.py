@@ -1,22 +1,17 @@
 """The replication connection: libpq in ``replication=database`` mode, on asyncio.
 
-This layer knows the walsender's framing and nothing of pgoutput:
-
-* XLogData ``'w'``: start LSN, WAL end, server clock, then one pgoutput message;
-* primary keepalive ``'k'``: WAL end, server clock, reply requested;
-* standby status update ``'r'`` (sent by us): write, flush and apply LSNs.
-
-It waits on libpq's socket with ``loop.add_reader`` and never blocks the event
-loop. libpq (through psycopg's ``PGconn``) does authentication, TLS, service
-files and ``target_session_attrs``.
+It sends replication commands, enters the copy stream and moves whole frames
+out of libpq; it knows nothing of what the frames hold (see
+:mod:`walex.replication.framing`) or of pgoutput. It waits on libpq's socket
+with ``loop.add_reader`` and never blocks the event loop. libpq (through
+psycopg's ``PGconn``) does authentication, TLS, service files and
+``target_session_attrs``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import struct
-import time
 from collections import deque
 from typing import Any
 
@@ -25,23 +20,12 @@ from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq.abc import PGconn, PGresult
 
-from .errors import ConnectionFailed, ServerError, StreamError, connection_failure
+from ..errors import ConnectionFailed, ServerError, StreamError, connection_failure
+from .framing import status_update
 
-__all__ = [
-    "PG_EPOCH_OFFSET_US",
-    "ReplicationConnection",
-    "ServerError",
-    "now_pg_us",
-    "replication_conninfo",
-]
+__all__ = ["ReplicationConnection", "replication_conninfo"]
 
 logger = logging.getLogger(__name__)
-
-# Microseconds between the Unix epoch and Postgres' epoch (2000-01-01 UTC).
-PG_EPOCH_OFFSET_US = 946_684_800_000_000
-
-_STATUS = struct.Struct(">cQQQqB")
-_KEEPALIVE = struct.Struct(">Qq?")
 
 # Settings for the walsender session: they decide the text that pgoutput
 # sends, and psycopg's loaders expect these styles.
@@ -49,11 +33,6 @@ _SESSION_OPTIONS = (
     "-c datestyle=ISO,YMD -c intervalstyle=postgres -c timezone=UTC "
     "-c extra_float_digits=3 -c bytea_output=hex"
 )
-
-
-def now_pg_us() -> int:
-    """The current time as microseconds since 2000-01-01 (Postgres' clock)."""
-    return time.time_ns() // 1000 - PG_EPOCH_OFFSET_US
 
 
 def replication_conninfo(dsn: str, **extra: Any) -> str:
@@ -119,6 +98,14 @@ class ReplicationConnection:
             raise
         pgconn.nonblocking = 1
         return cls(pgconn)
+
+    def quote_ident(self, name: str) -> str:
+        """*name* as a quoted SQL identifier, escaped by libpq."""
+        return pq.Escaping(self.pgconn).escape_identifier(name.encode()).decode()
+
+    def quote_literal(self, text: str) -> str:
+        """*text* as a quoted SQL string literal, escaped by libpq."""
+        return pq.Escaping(self.pgconn).escape_literal(text.encode()).decode()
 
     @property
     def server_version(self) -> int:
@@ -233,7 +220,7 @@ class ReplicationConnection:
 
     def send_status(self, write: int, flush: int, apply: int, reply: bool = False) -> None:
         """Queue a standby status update and start sending it."""
-        msg = _STATUS.pack(b"r", write, flush, apply, now_pg_us(), 1 if reply else 0)
+        msg = status_update(write, flush, apply, reply)
         try:
             self.pgconn.put_copy_data(msg)
             rc = self.pgconn.flush()
@@ -264,12 +251,6 @@ class ReplicationConnection:
         if not self._closed:
             self._closed = True
             self.pgconn.finish()
-
-
-def parse_keepalive(frame: bytes) -> tuple[int, int, bool]:
-    """A primary keepalive: WAL end, server clock, reply requested."""
-    wal_end, clock, reply = _KEEPALIVE.unpack_from(frame, 1)
-    return wal_end, clock, reply
 
 
 def _log_task_error(task: asyncio.Task[None]) -> None:
