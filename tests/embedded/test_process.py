@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 
 from tests.embedded.helpers import gone
 from walex.embedded import EmbeddedPostgres
+from walex.embedded.process import _WATCHDOG
 
 _OWNER = """
 import signal, sys, time
@@ -60,3 +62,16 @@ def test_cleanup_dismisses_the_watchdog(pg_server: EmbeddedPostgres) -> None:
     assert dog.returncode == 0  # told "done": it stood down
     assert pg._watchdogs == []
     assert not pg.base_dir.exists()
+
+
+def test_the_watchdog_needs_only_the_standard_library() -> None:
+    # It runs with -I, where an installed walex (perhaps another version
+    # than the owner's) would be found instead of the owner's.
+    imported: set[str] = set()
+    for node in ast.walk(ast.parse(_WATCHDOG)):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.partition(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add((node.module or "").partition(".")[0])
+    assert imported
+    assert imported <= sys.stdlib_module_names, imported - sys.stdlib_module_names
