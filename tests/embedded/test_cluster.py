@@ -1,12 +1,10 @@
-"""walex.embedded against real Postgres clusters: find, start, crash, clean up."""
+"""walex.embedded.cluster against real Postgres clusters: start, crash, databases, clean up."""
 
 from __future__ import annotations
 
 import os
 import pwd
-import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -14,17 +12,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.fix_pg import Database, _server, requested_majors
+from tests.embedded.helpers import gone
+from tests.fix_pg import Database, _server
 from walex.embedded import EmbeddedPostgres, EmbeddedPostgresError, find_binaries
 from walex.errors import ConfigurationError
-
-
-def _gone(pid: int) -> bool:
-    """True once the process has exited (a zombie nobody reaped counts as gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def _uid_of(pid: int) -> int:
@@ -32,38 +23,6 @@ def _uid_of(pid: int) -> int:
         if line.startswith("Uid:"):
             return int(line.split()[1])
     raise AssertionError(f"no Uid line for pid {pid}")
-
-
-def test_find_binaries_finds_every_version_under_test() -> None:
-    found = find_binaries()
-    majors = [binaries.major for binaries in found]
-    assert majors == sorted(set(majors)), "one installation per major, sorted"
-    assert set(requested_majors()) <= set(majors), found
-    for binaries in found:
-        assert binaries.version.startswith(f"{binaries.major}.")
-        for tool in ("initdb", "pg_ctl", "postgres", "pg_recvlogical"):
-            assert (binaries.bindir / tool).is_file()
-
-
-@pytest.mark.skipif(
-    os.geteuid() != 0, reason="as root, Postgres runs as another user, who must be able to run it"
-)
-def test_found_binaries_run_for_the_unprivileged_user() -> None:
-    names = {entry.pw_name: entry for entry in pwd.getpwall()}
-    user = names.get("postgres") or names["nobody"]
-    for binaries in find_binaries():
-        result = subprocess.run(
-            [binaries.bindir / "initdb", "--version"],
-            capture_output=True,
-            text=True,
-            check=False,
-            cwd="/",
-            user=user.pw_uid,
-            group=user.pw_gid,
-            extra_groups=[],
-        )
-        assert result.returncode == 0, result.stderr
-        assert binaries.version in result.stdout
 
 
 def test_cluster_is_set_up_for_logical_replication(db: Database) -> None:
@@ -172,7 +131,7 @@ def test_kill_then_start_recovers(db: Database) -> None:
     server.kill()
 
     assert not server.running
-    assert _gone(pid)
+    assert gone(pid)
     with pytest.raises(psycopg.OperationalError):
         db.fetch("SELECT 1")
     server.start()
@@ -202,57 +161,8 @@ def test_context_manager_cleans_up(pg_server: EmbeddedPostgres) -> None:
                 "walex-test",
             )
     assert pid is not None
-    assert _gone(pid)
+    assert gone(pid)
     assert not pg.running
-    assert not pg.base_dir.exists()
-
-
-_OWNER = """
-import signal, sys, time
-from walex.embedded import EmbeddedPostgres, find_binaries
-major = int(sys.argv[1])
-pg = EmbeddedPostgres(next(b for b in find_binaries() if b.major == major))
-pg.start()
-print(pg.pid, pg.base_dir, flush=True)
-time.sleep(600)
-"""
-
-
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_a_killed_owner_leaves_no_server_behind(pg_server: EmbeddedPostgres, sig: int) -> None:
-    # The owner dies without running a finalizer: its watchdog stops the
-    # server and removes the cluster's files.
-    with subprocess.Popen(
-        [sys.executable, "-c", _OWNER, str(pg_server.major)],
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as owner:
-        try:
-            assert owner.stdout is not None
-            pid_text, base = owner.stdout.readline().split()
-            pid, base_dir = int(pid_text), Path(base)
-            assert not _gone(pid)
-            assert base_dir.is_dir()
-        finally:
-            owner.send_signal(sig)
-            owner.wait(10)
-    assert owner.returncode == -sig
-    deadline = time.monotonic() + 60
-    while not (_gone(pid) and not base_dir.exists()):
-        assert time.monotonic() < deadline, "the server outlived its owner"
-        time.sleep(0.05)
-
-
-def test_cleanup_dismisses_the_watchdog(pg_server: EmbeddedPostgres) -> None:
-    pg = EmbeddedPostgres(pg_server.binaries)
-    pg.start()
-    [dog] = pg._watchdogs
-    assert dog.poll() is None
-    pg.restart()  # still the same watchdog
-    assert pg._watchdogs == [dog]
-    pg.cleanup()
-    assert dog.returncode == 0  # told "done": it stood down
-    assert pg._watchdogs == []
     assert not pg.base_dir.exists()
 
 

@@ -1,62 +1,45 @@
-"""A throw-away local Postgres for the demo, the tests and the benchmarks.
+"""One throw-away Postgres cluster: create it, run it, remove it.
 
-:class:`EmbeddedPostgres` runs ``initdb`` and ``pg_ctl`` on a free port of
-127.0.0.1 with a private socket directory and ``wal_level=logical``, from the
-Postgres binaries that :func:`find_binaries` finds: the system's, or those
-that the ``pgserver`` wheel ships (``pip install "walex[embedded]"``).
-
-Postgres refuses to run as root. When the current user is root, the server
-and its tools run as the ``postgres`` system user, or ``nobody`` when there
-is none; the files they need are created for that user.
-
-No server outlives the process that started it: :meth:`EmbeddedPostgres.cleanup`
-(or leaving the ``with`` block) removes it; at exit, a finalizer stops what
-was left running; and a process killed by a signal, which runs no
-finalizer, leaves a small watchdog process behind that does the same.
-
-Example:
-    >>> with EmbeddedPostgres() as pg:  # doctest: +SKIP
-    ...     dsn = pg.create_database("shop")
-    ...     # stream from dsn ...
+This module owns :class:`EmbeddedPostgres` (``initdb``, ``pg_ctl``, start,
+stop, restart, kill, cleanup, databases and connection strings), the
+settings every cluster gets, and :func:`database_or_embedded`. It must not
+look for binaries itself (:mod:`.binaries` does) nor handle processes and
+signals directly (:mod:`.process` does).
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
-import hashlib
-import importlib.util
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import NamedTuple
 
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import TupleRow
 
-from .errors import ConfigurationError, EmbeddedPostgresError, PostgresNotFound
+from ..errors import ConfigurationError, EmbeddedPostgresError, PostgresNotFound
+from .binaries import PostgresBinaries, _run, _run_as, _RunAs, find_binaries
+from .process import (
+    _alive,
+    _dismiss,
+    _kill_server,
+    _read_pid,
+    _read_status,
+    _start_watchdog,
+    _stop_at_exit,
+)
 
-__all__ = [
-    "DEFAULT_SETTINGS",
-    "EmbeddedPostgres",
-    "EmbeddedPostgresError",
-    "PostgresBinaries",
-    "PostgresNotFound",
-    "database_or_embedded",
-    "find_binaries",
-]
+__all__ = ["DEFAULT_SETTINGS", "EmbeddedPostgres", "database_or_embedded"]
 
 DEFAULT_SETTINGS: Mapping[str, str] = MappingProxyType(
     {
@@ -91,81 +74,11 @@ _NOT_FOUND = (
 _USER = "postgres"
 _HOST = "127.0.0.1"
 _SETTING_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
-_VERSION = re.compile(r"\(PostgreSQL\)\s+((\d+)(?:\.(\d+))?\S*)")
 _STOP_MODES = ("smart", "fast", "immediate")
 _LOG_TAIL_LINES = 30
 # Longer than the default wal_sender_timeout, which bounds how long a
 # logical replication client can hold up a fast shutdown.
 _STOP_TIMEOUT = 90
-_PROC = Path("/proc")
-
-
-class PostgresBinaries(NamedTuple):
-    """One Postgres installation: where its programs are and its version.
-
-    Attributes:
-        major: the major version, such as ``16``.
-        version: the full version, such as ``"16.2"``.
-        bindir: the directory with ``initdb``, ``pg_ctl`` and ``postgres``.
-    """
-
-    major: int
-    version: str
-    bindir: Path
-
-
-class _RunAs(NamedTuple):
-    """The unprivileged OS user that runs Postgres when we are root."""
-
-    name: str
-    uid: int
-    gid: int
-
-
-def _run_as() -> _RunAs | None:
-    """Who runs the Postgres programs: ``None`` means the current user."""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return None
-    import pwd  # Unix only, and only needed when root.
-
-    for name in ("postgres", "nobody"):
-        try:
-            entry = pwd.getpwnam(name)
-        except KeyError:
-            continue
-        if entry.pw_uid != 0:
-            return _RunAs(name, entry.pw_uid, entry.pw_gid)
-    raise EmbeddedPostgresError(
-        "Postgres refuses to run as root, and there is neither a 'postgres' "
-        "nor a 'nobody' user to run it as"
-    )
-
-
-def _clean_env() -> dict[str, str]:
-    # PGDATA, PGPORT, PGHOST... of the caller's environment would redirect
-    # the tools (postgres itself reads PGPORT) to another cluster.
-    return {key: value for key, value in os.environ.items() if not key.startswith("PG")}
-
-
-def _run(
-    args: list[str | Path], run_as: _RunAs | None, *, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    """Run a program, as ``run_as`` when given, and capture its output."""
-    return subprocess.run(
-        [str(arg) for arg in args],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        check=False,
-        env=_clean_env(),
-        # The unprivileged user may not be able to enter the current directory.
-        cwd="/",
-        timeout=timeout,
-        user=run_as.uid if run_as else None,
-        group=run_as.gid if run_as else None,
-        # Otherwise the child keeps root's supplementary groups.
-        extra_groups=[] if run_as else None,
-    )
 
 
 def _chown(path: Path, run_as: _RunAs | None) -> None:
@@ -175,199 +88,6 @@ def _chown(path: Path, run_as: _RunAs | None) -> None:
 
 def _output(result: subprocess.CompletedProcess[str]) -> str:
     return "\n".join(part.strip() for part in (result.stdout, result.stderr) if part.strip())
-
-
-# --- finding binaries ---------------------------------------------------------
-
-
-def _probe(bindir: Path, run_as: _RunAs | None) -> PostgresBinaries | None:
-    """The version in ``bindir`` if its programs run for ``run_as``, else None."""
-    if not all((bindir / tool).is_file() for tool in ("initdb", "pg_ctl", "postgres")):
-        return None
-    found: list[re.Match[str]] = []
-    # initdb is run too: it is the program that loads libpq, and a copied or
-    # broken install fails there first.
-    for tool in ("postgres", "initdb"):
-        try:
-            result = _run([bindir / tool, "--version"], run_as, timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        match = _VERSION.search(result.stdout)
-        if result.returncode != 0 or match is None:
-            return None
-        found.append(match)
-    postgres, initdb = found
-    if postgres.group(2) != initdb.group(2):
-        return None
-    return PostgresBinaries(int(postgres.group(2)), postgres.group(1), bindir)
-
-
-def _system_bindirs() -> Iterator[Path]:
-    pg_config = shutil.which("pg_config")
-    if pg_config:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            result = _run([pg_config, "--bindir"], None, timeout=30)
-            if result.returncode == 0 and result.stdout.strip():
-                yield Path(result.stdout.strip())
-    for pattern in (
-        "/usr/lib/postgresql/*/bin",  # Debian, Ubuntu
-        "/usr/pgsql-*/bin",  # PGDG RPMs
-        "/usr/local/pgsql/bin",  # built from source
-        "/opt/homebrew/opt/postgresql@*/bin",
-        "/usr/local/opt/postgresql@*/bin",
-    ):
-        yield from (Path(match) for match in sorted(glob.glob(pattern)))
-    initdb = shutil.which("initdb")
-    if initdb:
-        yield Path(initdb).resolve().parent
-
-
-def _pgserver_package() -> Path | None:
-    # Not imported: importing pgserver warns (about XDG_RUNTIME_DIR) and does
-    # work we do not need; its files are all we use.
-    try:
-        spec = importlib.util.find_spec("pgserver")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _trusted_dir(path: Path) -> bool:
-    """True if ``path`` is a directory that only the current user could have written."""
-    try:
-        info = path.lstat()
-    except OSError:
-        return False
-    return (
-        path.is_dir()
-        and not path.is_symlink()
-        and info.st_uid == os.geteuid()
-        and not info.st_mode & 0o022
-    )
-
-
-def _make_world_readable(top: Path) -> None:
-    for dirpath, _dirnames, filenames in os.walk(top):
-        os.chmod(dirpath, 0o755)
-        for filename in filenames:
-            path = os.path.join(dirpath, filename)
-            if os.path.islink(path):
-                continue
-            mode = os.stat(path).st_mode
-            os.chmod(path, mode | 0o444 | (0o111 if mode & 0o111 else 0))
-
-
-def _readable_copy(package: Path, version: str, *, fresh: bool = False) -> Path:
-    """Copy pgserver's Postgres where an unprivileged user can run it.
-
-    pgserver lives in site-packages, which is often under root's mode-700
-    home. The copy is made once per pgserver install, atomically (copied
-    under a temporary name, then renamed), and reused after that.
-
-    Args:
-        package: pgserver's package directory.
-        version: its Postgres version, for the name of the copy.
-        fresh: remove an existing copy first (a /tmp cleaner may have eaten
-            part of it).
-
-    Returns:
-        The ``bin`` directory of the copy.
-    """
-    source = package / "pginstall"
-    postgres = (source / "bin" / "postgres").stat()
-    key = f"{source.resolve()}\0{postgres.st_mtime_ns}\0{postgres.st_size}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
-    target = Path(tempfile.gettempdir()) / f"walex-pg-{version}-{digest}"
-    # The binaries' RPATH is $ORIGIN/../../../pgserver.libs (where the wheel
-    # keeps libpq), so the copy keeps the wheel's layout.
-    bindir = target / "pgserver" / "pginstall" / "bin"
-    if fresh and _trusted_dir(target):
-        shutil.rmtree(target, ignore_errors=True)
-    if not target.exists():
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        try:
-            shutil.copytree(source, staging / "pgserver" / "pginstall", symlinks=True)
-            libs = package.parent / "pgserver.libs"
-            if libs.is_dir():
-                shutil.copytree(libs, staging / "pgserver.libs", symlinks=True)
-            _make_world_readable(staging)
-            try:
-                staging.rename(target)
-            except OSError:
-                if not target.exists():
-                    raise
-                # Another process made the same copy first.
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    # /tmp is shared: run nothing that another user could have put there.
-    if not _trusted_dir(target):
-        raise EmbeddedPostgresError(
-            f"refusing to run Postgres from {target}: it is not owned by this user "
-            "or others may write to it; remove it and try again"
-        )
-    return bindir
-
-
-def _pgserver_binaries(run_as: _RunAs | None) -> PostgresBinaries | None:
-    package = _pgserver_package()
-    if package is None or not (package / "pginstall" / "bin" / "postgres").is_file():
-        return None
-    found = _probe(package / "pginstall" / "bin", run_as)
-    if found is not None or run_as is None:
-        return found
-    as_root = _probe(package / "pginstall" / "bin", None)
-    if as_root is None:
-        return None
-    copied = _probe(_readable_copy(package, as_root.version), run_as)
-    if copied is None:
-        copied = _probe(_readable_copy(package, as_root.version, fresh=True), run_as)
-    return copied
-
-
-def _version_key(binaries: PostgresBinaries) -> tuple[int, int]:
-    parts = binaries.version.split(".")
-    minor = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else -1
-    return binaries.major, minor
-
-
-def find_binaries() -> list[PostgresBinaries]:
-    """Find every usable Postgres installation.
-
-    Looks at the system's (``pg_config --bindir``, ``/usr/lib/postgresql/*/bin``
-    and other usual places, the ``initdb`` on ``PATH``) and at the one that the
-    ``pgserver`` wheel ships. When running as root, pgserver's copy is first
-    copied to a place the unprivileged user can read. An installation counts
-    only if its programs run for the user that will run the server.
-
-    Returns:
-        One installation per major version, the newest minor version (the
-        system's on a tie), sorted by major version. Empty if none is found.
-    """
-    run_as = _run_as()
-    candidates: list[PostgresBinaries] = []
-    seen: set[Path] = set()
-    for bindir in _system_bindirs():
-        resolved = bindir.resolve()
-        if resolved in seen:
-            continue
-        seen.add(resolved)
-        found = _probe(resolved, run_as)
-        if found is not None:
-            candidates.append(found)
-    bundled = _pgserver_binaries(run_as)
-    if bundled is not None:
-        candidates.append(bundled)
-    best: dict[int, PostgresBinaries] = {}
-    for found in candidates:
-        current = best.get(found.major)
-        if current is None or _version_key(found) > _version_key(current):
-            best[found.major] = found
-    return [best[major] for major in sorted(best)]
-
-
-# --- one cluster --------------------------------------------------------------
 
 
 def _free_port() -> int:
@@ -386,117 +106,6 @@ def _quote_setting(name: str, value: str) -> str:
         raise ConfigurationError(f"the value of Postgres setting {name} has a line break")
     escaped = value.replace("\\", "\\\\").replace("'", "''")
     return f"{name} = '{escaped}'"
-
-
-def _read_pid(data_dir: Path) -> int | None:
-    try:
-        first = (data_dir / "postmaster.pid").read_text().split("\n", 1)[0]
-    except OSError:
-        return None
-    return int(first) if first.strip().isdigit() else None
-
-
-def _proc_stat(pid: int | str) -> tuple[str, int] | None:
-    """A process's state letter and process group, from /proc; None if it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name is in parentheses and may hold spaces; after it come
-    # state, ppid, pgrp.
-    state, _ppid, pgrp = text.rpartition(")")[2].split()[:3]
-    return state, int(pgrp)
-
-
-def _signal_reaches(send: Callable[[], None]) -> bool:
-    try:
-        send()
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-# A killed process that nobody reaped stays a zombie ("Z"): some container
-# init processes never reap. /proc tells zombies apart; kill(pid, 0) cannot.
-_GONE = ("Z", "X")
-
-
-def _alive(pid: int) -> bool:
-    """True if the process exists and is not a zombie."""
-    if not _PROC.is_dir():
-        return _signal_reaches(lambda: os.kill(pid, 0))
-    stat = _proc_stat(pid)
-    return stat is not None and stat[0] not in _GONE
-
-
-def _group_alive(pgid: int) -> bool:
-    """True while any live process is in process group ``pgid``."""
-    if not _PROC.is_dir():
-        return _signal_reaches(lambda: os.killpg(pgid, 0))
-    for entry in _PROC.iterdir():
-        stat = _proc_stat(entry.name) if entry.name.isdigit() else None
-        if stat is not None and stat[1] == pgid and stat[0] not in _GONE:
-            return True
-    return False
-
-
-def _stop_at_exit(
-    pg_ctl: Path,
-    data_dir: Path,
-    run_as: _RunAs | None,
-    owned: Path | None,
-    watchdogs: list[subprocess.Popen[bytes]],
-) -> None:
-    """Stop a cluster that its owner forgot, so that no server outlives us."""
-    pid = _read_pid(data_dir)
-    if pid is not None and _alive(pid):
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            _run([pg_ctl, "stop", "-D", data_dir, "-m", "immediate", "-w"], run_as, timeout=60)
-    if owned is not None:
-        shutil.rmtree(owned, ignore_errors=True)
-    _dismiss(watchdogs)
-
-
-# The finalizer above runs when the owning process exits normally; a process
-# killed by a signal (SIGKILL, or SIGTERM with no handler) runs nothing. So a
-# running cluster also has a watchdog: a small process that reads its stdin
-# until the owner's end of the pipe closes, which happens however the owner
-# exits. If the owner did not write "done" first, the watchdog does what the
-# finalizer would have done. It is a script of its own, not an import of
-# _stop_at_exit: it starts in milliseconds with only the standard library,
-# and works whatever sys.path the owner had (``-I`` ignores PYTHONPATH).
-_WATCHDOG = """\
-import os, shutil, subprocess, sys
-pg_ctl, data_dir, owned, uid, gid = sys.argv[1:]
-if sys.stdin.buffer.read():
-    sys.exit(0)
-if os.path.exists(os.path.join(data_dir, "postmaster.pid")):
-    user = {"user": int(uid), "group": int(gid), "extra_groups": []} if uid else {}
-    try:
-        subprocess.run(
-            [pg_ctl, "stop", "-D", data_dir, "-m", "immediate", "-w"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            cwd="/", timeout=60, **user,
-        )
-    except (OSError, subprocess.SubprocessError):
-        pass
-if owned:
-    shutil.rmtree(owned, ignore_errors=True)
-"""
-
-
-def _dismiss(watchdogs: list[subprocess.Popen[bytes]]) -> None:
-    """Tell the watchdogs that the owner cleaned up, and let them go."""
-    while watchdogs:
-        dog = watchdogs.pop()
-        if dog.stdin is not None:
-            with contextlib.suppress(OSError):  # it is gone already
-                dog.stdin.write(b"done")
-                dog.stdin.close()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            dog.wait(timeout=10)
 
 
 class EmbeddedPostgres:
@@ -669,23 +278,7 @@ class EmbeddedPostgres:
         pid = self.pid
         if pid is None:
             return
-        # Backends outlive a killed postmaster until they notice, and a new
-        # postmaster refuses to start while they hold the old shared memory.
-        # pg_ctl makes the postmaster a process group leader, so the group
-        # is exactly the server.
-        try:
-            group = os.getpgid(pid) == pid
-            if group:
-                os.killpg(pid, signal.SIGKILL)
-            else:
-                os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            group = False  # it died on its own meanwhile
-        deadline = time.monotonic() + 30
-        while _group_alive(pid) if group else _alive(pid):
-            if time.monotonic() > deadline:
-                raise EmbeddedPostgresError(f"Postgres (pid {pid}) did not die after SIGKILL")
-            time.sleep(0.01)
+        _kill_server(pid)
         # Lock files naming a dead pid are harmless unless the pid is reused
         # by another process of the same user (the system cluster's, say),
         # which would make the next start refuse.
@@ -802,31 +395,15 @@ class EmbeddedPostgres:
         )
 
     def _arm_watchdog(self) -> None:
-        """Start the watchdog (see _WATCHDOG) unless one is on duty."""
+        """Start the watchdog (see process._WATCHDOG) unless one is on duty."""
         if any(dog.poll() is None for dog in self._watchdogs):
             return
-        run_as = self._run_as
         self._watchdogs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-I",
-                    "-c",
-                    _WATCHDOG,
-                    str(self.binaries.bindir / "pg_ctl"),
-                    str(self.data_dir),
-                    str(self.base_dir) if self._owned_base else "",
-                    str(run_as.uid) if run_as else "",
-                    str(run_as.gid) if run_as else "",
-                ],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                env=_clean_env(),
-                cwd="/",
-                # Out of the terminal's process group: a Ctrl-C meant for
-                # the owner must not take the watchdog with it.
-                start_new_session=True,
+            _start_watchdog(
+                self.binaries.bindir / "pg_ctl",
+                self.data_dir,
+                self._run_as,
+                self.base_dir if self._owned_base else None,
             )
         )
 
@@ -872,12 +449,7 @@ class EmbeddedPostgres:
 
     def _status(self) -> str | None:
         """The postmaster's state: "starting", "ready", "stopping"... or None."""
-        try:
-            lines = (self.data_dir / "postmaster.pid").read_text().splitlines()
-        except OSError:
-            return None
-        # Line 8 of postmaster.pid (Postgres 10+) is the postmaster's status.
-        return lines[7].strip() if len(lines) > 7 else None
+        return _read_status(self.data_dir)
 
     def _wait_until_gone(self, pid: int) -> None:
         deadline = time.monotonic() + _STOP_TIMEOUT
