@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import errno
+import gzip
+import http.client
 import time
 
 import pytest
@@ -26,6 +30,19 @@ async def http_get(port: int, path: str, method: str = "GET") -> tuple[int, dict
     status_line, *header_lines = head.split("\r\n")
     headers = dict(line.split(": ", 1) for line in header_lines)
     return int(status_line.split()[1]), headers, body
+
+
+def fetch(
+    port: int, path: str, method: str = "GET", headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """The same from another thread, with http.client: status, headers, raw body."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -171,3 +188,77 @@ async def test_metrics_as_an_app_observer(db: Database) -> None:
     assert got[("walex_events_total", (("table", "public.t"), ("type", "insert")))] == 2
     assert got[("walex_batches_total", ())] == 1
     assert got[("walex_handler_duration_seconds_count", (("handler", "on_t"),))] == 1
+
+
+async def test_the_server_answers_get_and_head_on_two_paths_only() -> None:
+    metrics = Metrics()
+    metrics.batches.inc()
+    async with await metrics.serve("127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        assert server.sockets[0].getsockname()[0] == "127.0.0.1"  # only the host asked for
+        assert server.is_serving()
+
+        status, headers, body = await asyncio.to_thread(fetch, port, "/healthz")
+        assert status == 503
+        for path in ("/healthz", "/health"):
+            head = await asyncio.to_thread(fetch, port, path, "HEAD")
+            assert head == (503, {**head[1], "Content-Length": str(len(body))}, b"")
+            assert head[1]["Content-Type"] == "application/json"
+
+        # prometheus_client's app: it compresses when asked, and HEAD is GET without the body.
+        status, headers, body = await asyncio.to_thread(
+            fetch, port, "/metrics", "GET", {"Accept-Encoding": "gzip"}
+        )
+        assert (status, headers["Content-Encoding"]) == (200, "gzip")
+        assert samples(gzip.decompress(body).decode())[("walex_batches_total", ())] == 1
+        plain = (await asyncio.to_thread(fetch, port, "/metrics"))[2]
+        status, headers, body = await asyncio.to_thread(fetch, port, "/metrics", "HEAD")
+        assert (status, body, int(headers["Content-Length"])) == (200, b"", len(plain))
+
+        # Another method: 405 on any path (prometheus_client alone would answer OPTIONS).
+        for method, path in (("OPTIONS", "/metrics"), ("POST", "/healthz"), ("PUT", "/nope")):
+            status, headers, _ = await asyncio.to_thread(fetch, port, path, method)
+            assert (status, headers["Allow"]) == (405, "GET, HEAD")
+        # Another path: 404 (prometheus_client alone serves the metrics on every path).
+        for path in ("/", "/favicon.ico", "/metrics/x"):
+            assert (await asyncio.to_thread(fetch, port, path))[0] == 404
+    assert not server.is_serving()
+    assert server.sockets == ()
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.to_thread(fetch, port, "/metrics")
+
+
+async def test_a_port_in_use_says_which() -> None:
+    metrics = Metrics()
+    async with await metrics.serve("127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot serve metrics on 127.0.0.1:{port}") as info:
+            await metrics.serve("127.0.0.1", port)
+        assert info.value.errno == errno.EADDRINUSE
+
+
+async def test_a_blocked_event_loop_makes_answers_not_a_hang(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server answers on its own thread; what it reads of the streams it reads on the loop."""
+    monkeypatch.setattr("walex.metrics._LOOP_TIMEOUT", 0.2)
+    metrics = Metrics()
+    async with await metrics.serve("127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            health = pool.submit(fetch, port, "/healthz")
+            scrape = pool.submit(fetch, port, "/metrics")
+            # Blocks the event loop on purpose until both have answered.
+            status, _, body = health.result(timeout=10)
+            assert status == 503
+            assert b"the event loop did not answer within 0.2 s" in body
+            status, _, body = scrape.result(timeout=10)
+            assert status == 500
+            assert b"the event loop did not answer within 0.2 s" in body
+        # The loop is free again: the same requests are answered.
+        assert (await asyncio.to_thread(fetch, port, "/metrics"))[0] == 200
+        status, _, body = await asyncio.to_thread(fetch, port, "/healthz")
+        assert (status, body) == (
+            503,
+            b'{"status": "unhealthy", "problems": ["no stream is running"]}\n',
+        )
