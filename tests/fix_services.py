@@ -105,6 +105,9 @@ class TcpProxy:
 
     :meth:`cut` aborts every open connection (both sides see a reset) and
     refuses new ones for a while: a broker connection that breaks mid-stream.
+    :meth:`black_hole` stops carrying bytes, on open and new connections
+    alike, without closing anything (a partition, a dead middlebox: neither
+    side hears of it); :meth:`heal` carries on with what was held back.
     """
 
     def __init__(self, host: str, port: int) -> None:
@@ -115,6 +118,8 @@ class TcpProxy:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     def __enter__(self) -> TcpProxy:
         self._thread.start()
@@ -143,6 +148,7 @@ class TcpProxy:
         self._writers.clear()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._flowing.wait()
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
@@ -154,6 +160,7 @@ class TcpProxy:
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             with contextlib.suppress(OSError, asyncio.CancelledError):
                 while data := await src.read(65536):
+                    await self._flowing.wait()
                     dst.write(data)
                     await dst.drain()
             dst.transport.abort()
@@ -161,6 +168,14 @@ class TcpProxy:
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
         self._writers.discard(writer)
         self._writers.discard(up_writer)
+
+    def black_hole(self) -> None:
+        """Stop carrying bytes (open connections stay open, new ones hang)."""
+        self._loop.call_soon_threadsafe(self._flowing.clear)
+
+    def heal(self) -> None:
+        """Carry bytes again, those held back first."""
+        self._loop.call_soon_threadsafe(self._flowing.set)
 
     def cut(self, refuse_for: float = 0.0) -> None:
         """Reset every connection now; refuse new ones for *refuse_for* seconds.

@@ -7,10 +7,14 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 import walex
 from tests.fix_pg import Database
+from tests.fix_services import TcpProxy
 from tests.streams import collect, collect_batches
+from walex.errors import SlotLost
+from walex.metrics import Metrics
 
 
 async def test_insert_update_delete_truncate_message(db: Database) -> None:
@@ -233,3 +237,90 @@ async def test_large_rows_bound_batches_by_bytes(db: Database) -> None:
     # Cut once a batch holds 1 MB: four rows of 300 kB, never more.
     assert max(sizes) == 4, sizes
     assert all(len(e.new_record["body"]) == 300_000 for b in batches for e in b.events)  # type: ignore[index]
+
+
+# -- dead links -----------------------------------------------------------------
+
+
+def _through(db: Database, proxy: TcpProxy) -> str:
+    """The database's connection string, through *proxy*."""
+    return f"host=127.0.0.1 port={proxy.port} user=postgres dbname={db.name}"
+
+
+async def test_a_silent_link_is_noticed_and_nothing_is_lost(db: Database) -> None:
+    """No FIN, no RST: the stream hears nothing; receive_timeout ends the wait."""
+    db.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    pub, slot = db.unique("pub"), db.unique("slot")
+    db.execute(f"CREATE PUBLICATION {pub} FOR TABLE t")
+    metrics = Metrics(registry=CollectorRegistry())
+    unhealthy: list[list[str]] = []
+    with TcpProxy("127.0.0.1", db.server.port) as proxy:
+        stream = walex.connect(
+            _through(db, proxy),
+            publication=pub,
+            slot=slot,
+            durable=True,
+            receive_timeout=3,
+            connect_timeout=2,
+        )
+        async with stream:
+            metrics.track_stream(stream)
+            db.execute("INSERT INTO t VALUES (1)")
+            assert [e.new_record for e in await collect(stream, 1)] == [{"id": 1}]
+            proxy.black_hole()
+            db.execute("INSERT INTO t VALUES (2), (3)")
+
+            async def watch() -> None:
+                while True:
+                    healthy, problems = metrics.health()
+                    if not healthy:
+                        unhealthy.append(problems)
+                    await asyncio.sleep(0.2)
+
+            watcher = asyncio.ensure_future(watch())
+            asyncio.get_running_loop().call_later(6, proxy.heal)
+            try:
+                events = await collect(stream, 2, timeout=45)
+            finally:
+                watcher.cancel()
+            assert [e.new_record for e in events] == [{"id": 2}, {"id": 3}]
+            assert stream.reconnects >= 1
+    # While the link was dead and being re-made, the health check said so.
+    assert any("not connected" in " ".join(p) for p in unhealthy)
+
+
+@pytest.mark.parametrize("allow_gap", [False, True])
+async def test_a_temporary_slot_lost_to_a_silent_link(db: Database, allow_gap: bool) -> None:
+    """walex notices the cut before the server: the old walsender still holds the
+    temporary slot, then the slot goes with it. A gap: SlotLost, or a new slot."""
+    db.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    pub = db.unique("pub")
+    db.execute(f"CREATE PUBLICATION {pub} FOR TABLE t")
+    with TcpProxy("127.0.0.1", db.server.port) as proxy:
+        stream = walex.connect(
+            _through(db, proxy),
+            publication=pub,
+            receive_timeout=3,
+            connect_timeout=2,
+            allow_gap=allow_gap,
+        )
+        async with stream:
+            db.execute("INSERT INTO t VALUES (1)")
+            await collect(stream, 1)
+            proxy.black_hole()
+            asyncio.get_running_loop().call_later(5, proxy.heal)
+            if not allow_gap:
+                with pytest.raises(SlotLost, match="went away with its connection"):
+                    await collect(stream, 1, timeout=45)
+                return
+
+            # Going on from now: what is committed once the new slot exists arrives.
+            async def insert_when_back() -> None:
+                while not (stream.connected and stream.reconnects):  # noqa: ASYNC110 - polls the stream's state
+                    await asyncio.sleep(0.2)
+                db.execute("INSERT INTO t VALUES (2)")
+
+            inserter = asyncio.ensure_future(insert_when_back())
+            events = await collect(stream, 1, timeout=45)
+            await inserter
+            assert [e.new_record for e in events] == [{"id": 2}]

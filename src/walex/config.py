@@ -32,6 +32,7 @@ from typing import Any, Literal
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from . import _accel
 from .admin import mask_dsn
 from .errors import ConfigurationError
 from .filters import parse_relation
@@ -334,7 +335,8 @@ def from_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The settings found in ``WALEX_*`` environment variables (as text).
 
     Unknown ``WALEX_*`` names are an error, so that a typo does not pass
-    silently. ``WALEX_TEST_*`` (the test suite's own) is ignored.
+    silently. ``WALEX_TEST_*`` (the test suite's own) and ``WALEX_IMPL`` (which
+    picks C or pure Python, see :mod:`walex._accel`) are not settings.
 
     Raises:
         ConfigurationError: for an unknown ``WALEX_*`` variable.
@@ -342,7 +344,11 @@ def from_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     env = os.environ if environ is None else environ
     found: dict[str, str] = {}
     for var, value in env.items():
-        if not var.startswith(ENV_PREFIX) or var.startswith(ENV_PREFIX + "TEST_"):
+        if (
+            not var.startswith(ENV_PREFIX)
+            or var.startswith(ENV_PREFIX + "TEST_")
+            or var == _accel.ENV_VAR
+        ):
             continue
         key = var[len(ENV_PREFIX) :].lower()
         if key not in SETTINGS:

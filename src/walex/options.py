@@ -64,6 +64,9 @@ class StreamOptions:
         default=64 << 20, metadata=_meta("int", "a size in bytes, at least 1", minimum=1)
     )
     status_interval: float = field(default=10.0, metadata=_SECONDS)
+    receive_timeout: float | None = field(
+        default=60.0, metadata=_meta("float", "seconds, more than 0", minimum=0.001, nullable=True)
+    )
     allow_gap: bool = field(default=False, metadata=_BOOL)
     wait_for_slot: bool = field(default=True, metadata=_BOOL)
     standby_retry: float = field(default=5.0, metadata=_SECONDS)
@@ -78,7 +81,7 @@ class StreamOptions:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None and f.default is None:
+            if value is None and (f.default is None or f.metadata.get("nullable")):
                 continue  # off, or not given
             fixed = _check(f.name, value, f.metadata)
             if fixed is not value:

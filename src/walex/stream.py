@@ -27,12 +27,13 @@ import contextlib
 import gc
 import logging
 import os
+import time
 from collections.abc import Sequence
 from typing import Literal
 
 import psycopg
 
-from .admin import ServerFacts, preflight
+from .admin import ServerFacts, preflight, slot_info
 from .catalog import BinaryUnsupported, Catalog
 from .checkpoint import Checkpoint
 from .errors import (
@@ -235,19 +236,22 @@ class Stream:
         self.protocol_version = protocol_version(facts.version_num)
         if self._catalog.binary:
             await self._catalog.check_binary(self.publications)
-        if facts.slot is not None and facts.slot.active_pid is not None:
-            pid = facts.slot.active_pid
+        slot = facts.slot
+        if slot is not None and slot.active_pid is not None:
+            pid = slot.active_pid
             if pid == self._backend_pid:
                 await slots.wait_for_lost_walsender(self._catalog.connection, self.slot, pid)
             else:
                 await self._wait_for_slot(pid)
+            # Let go of: a temporary slot went with its process; a durable one stays.
+            slot = await slot_info(await self._catalog.connection(), self.slot)
         conn = await ReplicationConnection.connect(
             replication_conninfo(self._dsn), o.connect_timeout
         )
         self._conn = conn
         self._backend_pid = conn.pgconn.backend_pid
         try:
-            if facts.slot is None:
+            if slot is None:
                 self._check_no_gap(first)
                 await slots.create(conn, self.slot, durable=self.durable, two_phase=o.two_phase)
             await conn.start(self._start_command(conn))
@@ -458,14 +462,19 @@ class Stream:
         try:
             if conn is None:
                 raise StreamError("not connected")
+            silence = _Silence(self.options.receive_timeout)
             while True:
                 if not conn.read(frames):
                     raise StreamError("the server ended the replication stream")
                 if frames:
                     return
+                wait, ask = silence.next_wait()
+                if ask:
+                    # Quiet for half the timeout: a live server answers this at once.
+                    self._send_status(reply=True)
                 self._resume_gc()
                 try:
-                    await conn.wait_readable(None)
+                    await conn.wait_readable(wait)
                 finally:
                     self._pause_gc()
         except (StreamError, OSError) as exc:
@@ -479,6 +488,38 @@ class Stream:
                         raise StreamError(f"the server stopped the stream: {exc}") from exc
                     raise translated from exc
             await self._reconnect(exc)
+
+
+class _Silence:
+    """How long to wait for the server before asking it for a keepalive, and
+    before counting the connection as dead (like ``wal_receiver_timeout``)."""
+
+    __slots__ = ("_asked", "_start", "_timeout")
+
+    def __init__(self, timeout: float | None) -> None:
+        self._timeout = timeout
+        self._start = time.monotonic()
+        self._asked = False
+
+    def next_wait(self) -> tuple[float | None, bool]:
+        """Seconds to wait next (``None``: for ever), and whether to ask for a keepalive first.
+
+        Raises:
+            StreamError: the server has been silent for the whole timeout.
+        """
+        timeout = self._timeout
+        if timeout is None:
+            return None, False
+        quiet = time.monotonic() - self._start
+        if quiet >= timeout:
+            raise StreamError(
+                f"nothing from the server for {timeout:g} s, not even a keepalive: the "
+                "connection counts as dead (receive_timeout)"
+            )
+        if quiet >= timeout / 2:
+            ask, self._asked = not self._asked, True
+            return timeout - quiet, ask
+        return timeout / 2 - quiet, False
 
 
 def connect(
@@ -497,6 +538,7 @@ def connect(
     max_batch_events: int = 5000,
     max_batch_bytes: int = 64 << 20,
     status_interval: float = 10.0,
+    receive_timeout: float | None = 60.0,
     allow_gap: bool = False,
     wait_for_slot: bool = True,
     standby_retry: float = 5.0,
@@ -519,7 +561,7 @@ def connect(
             made while nothing listens are lost.
         create_slot, start_lsn, binary, streaming, two_phase, origin,
             messages, max_batch_events, max_batch_bytes, status_interval,
-            allow_gap, wait_for_slot, standby_retry, reconnect,
+            receive_timeout, allow_gap, wait_for_slot, standby_retry, reconnect,
             max_reconnect_delay, connect_timeout, spool_dir,
             heartbeat_interval: the engine's options
             (:class:`walex.options.StreamOptions`, docs/engine.md).
@@ -550,6 +592,7 @@ def connect(
         max_batch_events=max_batch_events,
         max_batch_bytes=max_batch_bytes,
         status_interval=status_interval,
+        receive_timeout=receive_timeout,
         allow_gap=allow_gap,
         wait_for_slot=wait_for_slot,
         standby_retry=standby_retry,

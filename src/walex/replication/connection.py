@@ -23,7 +23,7 @@ from psycopg.pq.abc import PGconn, PGresult
 from ..errors import ConnectionFailed, ServerError, StreamError, connection_failure
 from .framing import status_update
 
-__all__ = ["ReplicationConnection", "replication_conninfo"]
+__all__ = ["KEEPALIVES", "ReplicationConnection", "replication_conninfo", "with_keepalives"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +35,27 @@ _SESSION_OPTIONS = (
 )
 
 
+#: TCP keepalives on walex's connections unless the connection string sets
+#: its own: a link that died without a FIN or RST is noticed within about a
+#: minute even while nothing is sent (libpq ignores them on Unix sockets).
+KEEPALIVES = {
+    "keepalives": "1",
+    "keepalives_idle": "30",
+    "keepalives_interval": "10",
+    "keepalives_count": "3",
+}
+
+
+def with_keepalives(params: dict[str, Any]) -> dict[str, Any]:
+    """*params* (a conninfo as a dict) with TCP keepalives, where it sets none."""
+    for key, value in KEEPALIVES.items():
+        params.setdefault(key, value)
+    return params
+
+
 def replication_conninfo(dsn: str, **extra: Any) -> str:
     """The conninfo of a logical replication connection for *dsn*."""
-    params = conninfo_to_dict(dsn)
+    params = with_keepalives(conninfo_to_dict(dsn))
     options = params.get("options")
     params["options"] = f"{options} {_SESSION_OPTIONS}" if options else _SESSION_OPTIONS
     params.setdefault("application_name", "walex")

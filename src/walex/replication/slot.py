@@ -57,17 +57,35 @@ async def create(conn: ReplicationConnection, slot: str, *, durable: bool, two_p
 async def wait_for_lost_walsender(sql: SqlConnection, slot: str, pid: int) -> None:
     """Wait until the server process *pid* of our own lost connection lets go of *slot*.
 
-    The server notices a lost connection within moments.
+    When walex notices a dead link before the server does (a silent network,
+    a middlebox), the server would hold the slot until its
+    ``wal_sender_timeout``: after a short wait, walex ends that process, which
+    is its own.
 
     Raises:
-        SlotInUse: it still holds the slot after 10 seconds.
+        SlotInUse: it still holds the slot after that.
     """
-    for _ in range(100):
+    for attempt in range(150):
         await asyncio.sleep(0.1)
-        info = await slot_info(await sql(), slot)
+        conn = await sql()
+        info = await slot_info(conn, slot)
         if info is None or info.active_pid != pid:
             return
-    raise SlotInUse(f"slot {slot!r} is still held by process {pid} of the lost connection", pid)
+        if attempt == 20:
+            logger.warning(
+                "slot %r is still held by server process %s of our lost connection; ending it",
+                slot,
+                pid,
+            )
+            try:
+                await conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            except psycopg.Error as exc:
+                logger.warning("could not end server process %s (%s); waiting for it", pid, exc)
+    raise SlotInUse(
+        f"slot {slot!r} is still held by process {pid} of the lost connection; the server "
+        "lets it go after wal_sender_timeout",
+        pid,
+    )
 
 
 async def wait_for_release(sql: SqlConnection, slot: str, pid: int, every: float) -> None:
