@@ -1,0 +1,46 @@
+"""The normal (SQL) connection that the checks, set-up and commands run over.
+
+It owns opening that connection and turning psycopg's connection failures
+into walex's errors (through :func:`walex.errors.connection_failure`); it
+runs no query and knows nothing about replication.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from ..errors import ConnectionFailed, connection_failure
+
+__all__ = ["connect_sql", "connection_error"]
+
+
+async def connect_sql(
+    dsn: str, connect_timeout: float = 30.0, application_name: str = "walex-catalog"
+) -> psycopg.AsyncConnection[Any]:
+    """A normal autocommit connection, with connection errors made walex's.
+
+    *application_name* names it in ``pg_stat_activity`` (the commands use
+    their own, such as ``walex-tail``).
+
+    Raises:
+        ConnectionFailed: the server cannot be reached, refuses the login, or
+            *dsn* is not a connection string.
+    """
+    try:
+        return await psycopg.AsyncConnection.connect(
+            dsn,
+            autocommit=True,
+            connect_timeout=max(1, int(connect_timeout)),
+            application_name=application_name,
+        )
+    except psycopg.OperationalError as exc:
+        raise connection_error(exc) from exc
+    except psycopg.ProgrammingError as exc:
+        raise ConnectionFailed(f"invalid connection string: {exc}") from exc
+
+
+def connection_error(exc: Exception) -> ConnectionFailed:
+    """Translate a psycopg connection failure."""
+    return connection_failure(str(exc))
