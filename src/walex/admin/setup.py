@@ -16,6 +16,7 @@ from psycopg import sql
 
 from ..errors import ConfigurationError
 from ..events import REPLICA_IDENTITY
+from ..names import parse_table_name
 from .slots import SLOT_NAME, slot_info
 
 __all__ = [
@@ -23,7 +24,6 @@ __all__ = [
     "find_tables",
     "publication_tables",
     "setup_plan",
-    "split_table_name",
 ]
 
 
@@ -48,31 +48,24 @@ class TableRef:
         return sql.Identifier(self.schema, self.name)
 
 
-def split_table_name(name: str) -> tuple[str | None, str]:
-    """``"schema.table"`` → ``("schema", "table")``; ``"table"`` → ``(None, "table")``.
-
-    Names are taken as written (case and spaces kept), not as SQL: a name
-    with a dot in it can be given in double quotes (``'"my.table"'``).
-    """
-    name = name.strip()
-    if name.startswith('"') and name.endswith('"') and len(name) > 1:
-        return None, name[1:-1].replace('""', '"')
-    schema, dot, table = name.partition(".")
-    if not dot:
-        return None, name
-    return schema, table
-
-
 async def find_tables(conn: psycopg.AsyncConnection[Any], names: Sequence[str]) -> list[TableRef]:
-    """Look tables up by name (``table`` through the search path, or ``schema.table``).
+    """Look tables up by name, each read as :func:`walex.names.parse_table_name` reads it.
+
+    ``table`` is found through the search path, ``schema.table`` in its
+    schema; double quotes keep dots, capitals and spaces (``'"my.schema"."T"'``).
+    A pattern (``order_*``) is refused: a publication lists tables.
 
     Raises:
-        ConfigurationError: a table does not exist, or a name is empty.
+        ConfigurationError: a table does not exist, or a name is malformed,
+            empty or a pattern.
     """
     found: list[TableRef] = []
     for raw in names:
-        schema, table = split_table_name(raw)
-        if not table or schema == "":
+        try:
+            schema, table = parse_table_name(raw)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from exc
+        if not table:
             raise ConfigurationError(f"{raw!r} is not a table name")
         ident = sql.Identifier(table) if schema is None else sql.Identifier(schema, table)
         # to_regclass resolves a bare name through search_path, as SQL would.
