@@ -7,6 +7,7 @@ checks. It only reads: every fix is shown, never run.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -218,13 +219,14 @@ async def _check_publication(
     existing = await publication_tables(conn, publication)
     if existing is None:
         fix = sql.SQL("CREATE PUBLICATION {} FOR TABLE ...;").format(sql.Identifier(publication))
+        # The shell reads the command as the server reads the SQL: quoted.
+        setup = f"walex setup DSN --publication {shlex.quote(publication)} --tables a,b"
         return [
             Check(
                 name,
                 "fail",
                 f"does not exist in database {database!r}",
-                f"{fix.as_string(conn)} or walex setup DSN --publication {publication} "
-                "--tables a,b",
+                f"{fix.as_string(conn)} or {setup}",
             )
         ]
     all_tables, members = existing
@@ -335,7 +337,7 @@ async def _check_slots(
         name = f"slot {info.name}"
         where = "" if info.database in (None, database) else f" (database {info.database})"
         lag = format_bytes(info.lag_bytes if info.slot_type == "logical" else info.retained_bytes)
-        drop = f"walex slots DSN drop {info.name}" + (
+        drop = f"walex slots DSN drop {shlex.quote(info.name)}" + (
             f" (connected to database {info.database})" if where else ""
         )
         if info.wal_status == "lost":

@@ -8,9 +8,10 @@ nothing and never opens a replication connection.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, LiteralString
 
 import psycopg
+from psycopg import sql
 
 from ..errors import (
     NoFreeReplicationSlots,
@@ -88,9 +89,9 @@ async def preflight(
             "(on managed services set it in the parameter group, e.g. rds.logical_replication = 1)"
         )
     if not can_replicate:
+        grant = _sql(conn, "ALTER ROLE {} WITH REPLICATION;", sql.Identifier(user))
         raise ReplicationNotPermitted(
-            f"the role {user!r} may not stream changes; run "
-            f'ALTER ROLE "{user}" WITH REPLICATION; (as a superuser)'
+            f"the role {user!r} may not stream changes; run {grant} (as a superuser)"
         )
     cur = await conn.execute(
         "SELECT pubname::text FROM pg_publication WHERE pubname = ANY(%s)", (publications,)
@@ -99,19 +100,19 @@ async def preflight(
     missing = [p for p in publications if p not in found]
     if missing:
         names = ", ".join(repr(p) for p in missing)
+        create = _sql(conn, "CREATE PUBLICATION {} FOR TABLE my_table;", sql.Identifier(missing[0]))
         raise PublicationNotFound(
             f"publication {names} does not exist in database {database!r}; create it, e.g. "
-            f'CREATE PUBLICATION "{missing[0]}" FOR TABLE my_table; '
-            "(or FOR ALL TABLES), or run walex setup"
+            f"{create} (or FOR ALL TABLES), or run walex setup"
         )
     info = await slot_info(conn, slot)
+    drop = _sql(conn, "SELECT pg_drop_replication_slot({});", sql.Literal(slot))
     if info is not None:
         if info.slot_type != "logical" or info.plugin != "pgoutput":
             raise SlotInvalidated(
                 f"slot {slot!r} exists but is a {info.slot_type} slot for plugin "
                 f"{info.plugin!r}; walex needs a logical slot for 'pgoutput'. "
-                "Choose another slot name, or drop it: "
-                f"SELECT pg_drop_replication_slot('{slot}');"
+                f"Choose another slot name, or drop it: {drop}"
             )
         if info.database != database:
             raise SlotInvalidated(
@@ -122,17 +123,19 @@ async def preflight(
             raise SlotInvalidated(
                 f"slot {slot!r} is invalidated (wal_status = lost): the server removed WAL "
                 "it still needed, so changes were lost. Drop it "
-                f"(SELECT pg_drop_replication_slot('{slot}');) and start again, "
+                f"({drop}) and start again, "
                 "re-reading the tables if you need every row; raise "
                 "max_slot_wal_keep_size to keep this from happening again"
             )
     elif not durable:
         pass
     elif not create_slot:
+        create = _sql(
+            conn, "SELECT pg_create_logical_replication_slot({}, 'pgoutput');", sql.Literal(slot)
+        )
         raise SlotNotFound(
             f"replication slot {slot!r} does not exist and create_slot is off; create it "
-            f"(SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput');) "
-            "or let walex create it"
+            f"({create}) or let walex create it"
         )
     if info is None and used_slots >= max_slots:
         raise NoFreeReplicationSlots(
@@ -140,3 +143,15 @@ async def preflight(
             "(see pg_replication_slots) or raise max_replication_slots and restart Postgres"
         )
     return ServerFacts(version_num=version, database=database, slot=info)
+
+
+def _sql(
+    conn: psycopg.AsyncConnection[Any], template: LiteralString, *names: sql.Composable
+) -> str:
+    """A statement to show the user, every name quoted by psycopg as the server reads it.
+
+    A name pasted into the text would let one with a quote in it (a
+    publication called ``x" FOR ALL TABLES; DROP TABLE t; --``) turn the
+    suggestion into other statements when it is run as shown.
+    """
+    return sql.SQL(template).format(*names).as_string(conn)

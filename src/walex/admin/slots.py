@@ -126,10 +126,14 @@ async def drop_slot(conn: psycopg.AsyncConnection[Any], name: str) -> None:
     if info is None:
         raise SlotNotFound(f"there is no replication slot {name!r}; see walex slots")
     if info.active_pid is not None:
+        cut = (
+            sql.SQL("SELECT pg_terminate_backend({});")
+            .format(sql.Literal(info.active_pid))
+            .as_string(conn)
+        )
         raise SlotInUse(
             f"slot {name!r} is in use by server process {info.active_pid}; stop its "
-            "consumer first (or, to cut it off, SELECT pg_terminate_backend"
-            f"({info.active_pid});) and drop the slot then",
+            f"consumer first (or, to cut it off, {cut}) and drop the slot then",
             info.active_pid,
         )
     try:
