@@ -73,3 +73,24 @@ def test_an_error_is_one_line_and_a_traceback_needs_debug() -> None:
 )
 def test_mask_dsn(dsn: str, masked: str) -> None:
     assert mask_dsn(dsn) == masked
+
+
+@pytest.mark.parametrize(
+    "command", [["doctor"], ["setup", "--publication", "p"], ["slots"], ["tail"]]
+)
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://app:50%off-s3cret@127.0.0.1:1/app",
+        "postgresql://app:s3cret@[127.0.0.1/app",
+        "postgresql://app:p@s3cret:x@127.0.0.1:1/app",
+    ],
+)
+def test_a_malformed_url_never_prints_the_password(
+    command: list[str], dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main([command[0], dsn, *command[1:]])
+    out, err = capsys.readouterr()
+    assert code != 0
+    assert "s3c" not in out + err, out + err
+    assert "connection" in out + err or "connect" in out + err

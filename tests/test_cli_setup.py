@@ -74,3 +74,38 @@ def test_errors_name_the_problem(db: Database, capsys: pytest.CaptureFixture[str
     assert main(["setup", db.dsn, "-p", "p", "--slot", "Bad-Name"]) == 1
     assert "slot name 'Bad-Name' is not valid" in capsys.readouterr().err
     assert db.fetch("SELECT pubname FROM pg_publication") == []
+
+
+def test_tables_are_read_with_the_name_grammar(
+    db: Database, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The grammar the app and docs/filters.md use: quotes keep dots, double
+    # quotes and capitals.
+    db.execute('CREATE SCHEMA "my.schema"')
+    db.execute('CREATE TABLE "my.schema"."t" (id int PRIMARY KEY)')
+    db.execute("CREATE SCHEMA app")
+    db.execute('CREATE TABLE app."odd""t" (id int PRIMARY KEY)')
+    db.execute('CREATE SCHEMA "Billing"')
+    db.execute('CREATE TABLE "Billing"."Invoice" (id int PRIMARY KEY)')
+    pub = db.unique("pub")
+    tables = '"my.schema"."t",app."odd""t","Billing"."Invoice"'
+    assert main(["setup", db.dsn, "-p", pub, "--tables", tables]) == 0
+    assert capsys.readouterr().out == (
+        f'CREATE PUBLICATION "{pub}" FOR TABLE "my.schema"."t", "app"."odd""t", '
+        '"Billing"."Invoice";\n'
+    )
+    assert sorted(
+        db.fetch(
+            "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s", [pub]
+        )
+    ) == [("Billing", "Invoice"), ("app", 'odd"t'), ("my.schema", "t")]
+    assert main(["setup", db.dsn, "-p", pub, "--tables", tables]) == 0
+    assert capsys.readouterr().out == "nothing to do: everything is in place\n"
+
+
+def test_a_pattern_is_refused(db: Database, capsys: pytest.CaptureFixture[str]) -> None:
+    db.execute("CREATE TABLE order_a (id int PRIMARY KEY)")
+    assert main(["setup", db.dsn, "-p", "p", "--tables", "order_*"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("walex: 'order_*' is a pattern; name one table"), err
+    assert db.fetch("SELECT pubname FROM pg_publication") == []

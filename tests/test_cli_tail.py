@@ -206,6 +206,25 @@ def test_pretty_with_existing_publication_and_durable_slot(db: Database) -> None
     assert db.fetch("SELECT count(*) FROM pg_publication WHERE pubname = %s", [pub]) == [(1,)]
 
 
+def test_table_names_in_the_grammar_with_an_existing_publication(db: Database) -> None:
+    # A schema with a dot in its name, as docs/filters.md writes it; the
+    # publication also has a table of the same name elsewhere, not asked for.
+    pub = db.unique("pub")
+    db.execute('CREATE SCHEMA "my.schema"')
+    db.execute('CREATE TABLE "my.schema"."t" (id int PRIMARY KEY)')
+    db.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    db.execute(f'CREATE PUBLICATION {pub} FOR TABLE "my.schema"."t", public.t')
+    args = ["--publication", pub, "--table", '"my.schema"."t"', "--format", "json"]
+    with tail(db.dsn, *args) as proc:
+        wait_ready(proc)
+        db.execute("INSERT INTO t VALUES (1)")  # published, but not asked for
+        db.execute('INSERT INTO "my.schema"."t" VALUES (2)')
+        line = json.loads(proc.read_line())
+        assert proc.stop() == 0
+        assert proc.rest("stdout") == ""
+    assert (line["schema"], line["table"], line["new_record"]) == ("my.schema", "t", {"id": 2})
+
+
 def test_errors_are_one_line_with_the_fix(db: Database, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["tail", db.dsn, "--table", "nope"]) == 1
     err = capsys.readouterr().err

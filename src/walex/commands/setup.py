@@ -46,7 +46,10 @@ def register(subparsers: Any) -> None:
         "-t",
         default="",
         metavar="A,B",
-        help="tables (table or schema.table), comma-separated; none means FOR ALL TABLES",
+        help=(
+            'tables (table or schema.table; "double quotes" keep dots), comma-separated; '
+            "none means FOR ALL TABLES"
+        ),
     )
     parser.add_argument(
         "--replica-identity",

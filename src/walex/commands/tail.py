@@ -17,7 +17,7 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import date, datetime, time
 from decimal import Decimal
 from typing import Any, TextIO
@@ -26,7 +26,7 @@ import psycopg
 from psycopg import sql
 
 from .. import wire
-from ..admin import connect_sql, find_tables, mask_dsn
+from ..admin import TableRef, connect_sql, find_tables, mask_dsn
 from ..errors import ConfigurationError, ServerNotReady, WalexError
 from ..events import Batch, Event
 from ..stream import Stream, connect
@@ -326,23 +326,20 @@ def stop_on_signals() -> asyncio.Event:
     return stop
 
 
-def _matcher(tables: list[str]) -> Callable[[Event], bool]:
-    """Whether an event belongs to one of *tables* (messages always do)."""
+def _matcher(tables: Sequence[TableRef]) -> Callable[[Event], bool]:
+    """Whether an event belongs to one of *tables* (messages always do; none: every event)."""
     if not tables:
         return lambda event: True
-    wanted: set[str] = set()
-    for table in tables:
-        wanted.add(table)
-        if "." not in table:
-            wanted.add(f"public.{table}")
-    return lambda e: e.source is None or e.source.name in wanted or e.source.table in wanted
+    # The tables as the catalog names them: no second reading of what was typed.
+    wanted = {(ref.schema, ref.name) for ref in tables}
+    return lambda e: e.source is None or (e.source.schema, e.source.table) in wanted
 
 
 async def _tail(args: argparse.Namespace) -> int:
     out: TextIO = sys.stdout
     color = args.format == "pretty" and _use_color(out)
     stop = stop_on_signals()
-    keep = _matcher(args.table if args.publication else [])
+    keep = _matcher([])  # the whole publication, unless --table narrows it below
     as_json = args.format == "json"
 
     def show(batch: Batch) -> bool:
@@ -381,7 +378,7 @@ async def _tail(args: argparse.Namespace) -> int:
             # Fail early on a typo instead of waiting forever for changes.
             conn = await connect_sql(args.dsn, application_name="walex-tail")
             try:
-                await find_tables(conn, args.table)
+                keep = _matcher(await find_tables(conn, args.table))
             finally:
                 await conn.close()
         stream = connect(
