@@ -101,7 +101,7 @@ class Catalog:
         except ConnectionFailed:
             raise
         except psycopg.OperationalError as exc:
-            raise connection_error(exc) from exc
+            raise connection_error(exc, self._dsn) from exc
 
     # -- tables --------------------------------------------------------------
 

@@ -33,8 +33,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from . import _accel
-from .admin import mask_dsn
-from .errors import ConfigurationError
+from .errors import ConfigurationError, mask_dsn
 from .filters import parse_relation
 from .options import option_specs
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
+from urllib.parse import unquote
 
 from .lsn import LSN
 
@@ -259,17 +260,70 @@ def conninfo_error(exc: Exception, what: str = "connection string") -> Configura
     only its reason is kept, never what it quotes.
     """
     reason = str(exc).split(":", 1)[0].strip()
-    reason = re.sub(r'"[^"]{2,}"', '"…"', reason)
+    reason = re.sub(r'"[^"]{2,}"', '"…"', reason)  # what it quotes, even before a colon
     return ConfigurationError(
         f"invalid {what} ({reason}): write it as postgresql://user@host:port/db "
         "or as key=value pairs"
     )
 
 
-def scrub(text: str) -> str:
-    """*text* with the password of every URL and ``password=`` in it masked."""
+# A value libpq quotes in its message: "token" or 'host'.
+_QUOTED = re.compile(r"\"([^\"]*)\"|'([^']*)'")
+_CONNINFO_PASSWORD_VALUE = re.compile(r"\bpassword\s*=\s*('(?:[^'\\]|\\.)*'?|\S+)")
+_URL_PASSWORD = re.compile(r"[?&]password=([^&]*)")
+# Shorter secrets are left to the quoted-token rule: replacing a word of two
+# or three letters everywhere would mangle the message and hide nothing more.
+_BARE_MIN = 4
+
+
+def _passwords(dsn: str) -> set[str]:
+    """The password(s) *dsn* holds, read as a person wrote them, even if malformed."""
+    found: list[str] = []
+    if "://" in dsn:
+        rest = dsn.split("://", 1)[1]
+        netloc = rest.partition("/")[0]
+        at = netloc.rfind("@")
+        if at != -1 and ":" in netloc[:at]:
+            found.append(netloc[:at].split(":", 1)[1])
+        found.extend(_URL_PASSWORD.findall(dsn))
+    for raw in _CONNINFO_PASSWORD_VALUE.findall(dsn):
+        if raw.startswith("'"):
+            raw = re.sub(r"\\(.)", r"\1", raw[1:].removesuffix("'"))
+        found.append(raw)
+    # libpq may quote the text as written or decoded.
+    return {form for secret in found for form in (secret, unquote(secret)) if form}
+
+
+def scrub(text: str, dsn: str | None = None) -> str:
+    """*text* with the password of every URL and ``password=`` in it masked, and,
+    when *dsn* is given, anything of *dsn*'s password (libpq quotes pieces of a
+    malformed string in its messages: a bad percent-escape, a host read out of
+    a password with an ``@`` in it).
+
+    Every message walex shows that may hold a connection string passes here.
+    """
+    # libpq may quote the whole string: mask it as one, before its pieces.
+    if dsn:
+        text = text.replace(dsn, mask_dsn(dsn))
     text = _URL_IN_TEXT.sub(lambda m: mask_dsn(m.group(0)), text)
-    return _CONNINFO_PASSWORD.sub(r"\1***", text)
+    text = _CONNINFO_PASSWORD.sub(r"\1***", text)
+    if not dsn:
+        return text
+    secrets = _passwords(dsn)
+    if not secrets:
+        return text
+
+    def hide(match: re.Match[str]) -> str:
+        token = match.group(1) if match.group(1) is not None else match.group(2)
+        if token and any(token in secret or secret in token for secret in secrets):
+            return f"{match.group(0)[0]}***{match.group(0)[0]}"
+        return match.group(0)
+
+    text = _QUOTED.sub(hide, text)
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= _BARE_MIN:
+            text = text.replace(secret, "***")
+    return text
 
 
 # -- translation ------------------------------------------------------------------

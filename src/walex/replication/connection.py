@@ -20,7 +20,7 @@ from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq.abc import PGconn, PGresult
 
-from ..errors import ConnectionFailed, ServerError, StreamError, connection_failure
+from ..errors import ConnectionFailed, ServerError, StreamError, connection_failure, scrub
 from .framing import status_update
 
 __all__ = ["KEEPALIVES", "ReplicationConnection", "replication_conninfo", "with_keepalives"]
@@ -103,7 +103,7 @@ class ReplicationConnection:
                     if status == pq.PollingStatus.OK:
                         break
                     if status == pq.PollingStatus.FAILED:
-                        raise _connect_error(pgconn)
+                        raise _connect_error(pgconn, conninfo)
                     await _wait_fd(loop, pgconn.socket, write=status == pq.PollingStatus.WRITING)
         except TimeoutError:
             pgconn.finish()
@@ -276,8 +276,8 @@ def _log_task_error(task: asyncio.Task[None]) -> None:
         logger.debug("background send failed: %s", task.exception())
 
 
-def _connect_error(pgconn: PGconn) -> ConnectionFailed:
-    return connection_failure(pgconn.get_error_message())
+def _connect_error(pgconn: PGconn, conninfo: str) -> ConnectionFailed:
+    return connection_failure(scrub(pgconn.get_error_message(), conninfo))
 
 
 async def _wait_fd(loop: asyncio.AbstractEventLoop, fd: int, write: bool = False) -> None:
