@@ -48,5 +48,5 @@ if not s.__file__.startswith('$work'):
 print('sanitized build:', s.__file__)
 "
 python -m pytest -p no:cacheprovider -q --capture=sys \
-    tests/test_pgoutput.py tests/test_json_loads.py tests/test_fast_path.py \
-    tests/test_values.py tests/test_identity.py tests/test_stream.py tests/test_protocol.py "$@"
+    tests/pgoutput/test_decoder.py tests/test_values_json.py tests/test_transactions_fast_path.py tests/test_transactions.py \
+    tests/test_values.py tests/test_events_identity.py tests/test_stream.py tests/test_transactions_protocol.py "$@"

@@ -22,12 +22,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The steps that have a C path, and integration tests that cross all of them.
 PURE_PYTHON_SUBSET = [
-    "tests/test_pgoutput.py",
-    "tests/test_json_loads.py",
+    "tests/pgoutput/test_decoder.py",
+    "tests/test_values_json.py",
     "tests/test_transactions.py",
     "tests/test_checkpoint.py",
     "tests/test_values.py",
-    "tests/test_identity.py",
+    "tests/test_events_identity.py",
     "tests/test_stream.py",
 ]
 

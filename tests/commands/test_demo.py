@@ -9,7 +9,7 @@ import sys
 import time
 
 from tests.fix_pg import Database
-from tests.test_cli_tail import wait_for, walex_proc
+from tests.helpers import wait_for, walex_proc
 
 # What each scripted step prints, in order: the head line of each event.
 EVENTS = [

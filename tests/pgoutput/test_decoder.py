@@ -47,7 +47,7 @@ from walex.pgoutput import (
 from walex.pgoutput import decoder as decoder_module
 from walex.pgoutput.decoder import read_tuple_py
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parent.parent / "data"
 
 
 def corpus(major: int, run: str) -> list[bytes]:
