@@ -63,7 +63,9 @@ async def test_default_identity_sends_the_old_key_only_when_it_changes(db: Datab
     src = ins.source
     assert src is not None
     assert (src.replica_identity, src.primary_key, src.identity_columns) == (
-        "default", ("k1", "k2"), ("k1", "k2"),
+        "default",
+        ("k1", "k2"),
+        ("k1", "k2"),
     )
     assert ins.type == "insert"
     assert ins.new_record == {"k1": 1, "k2": "x", "a": "first", "b": 10}
@@ -107,7 +109,9 @@ async def test_full_identity_sends_the_whole_old_row(db: Database) -> None:
     src = ins.source
     assert src is not None
     assert (src.replica_identity, src.primary_key, src.identity_columns) == (
-        "full", ("id",), ("id", "a", "b", "c"),
+        "full",
+        ("id",),
+        ("id", "a", "b", "c"),
     )
     assert ins.old_record is None
     assert ins.changes is None
@@ -131,8 +135,9 @@ async def test_full_identity_sends_the_whole_old_row(db: Database) -> None:
 
 
 async def test_using_index_identity_sends_the_index_columns(db: Database) -> None:
-    db.execute("CREATE TABLE t (id int PRIMARY KEY, code text NOT NULL, region int NOT NULL,"
-               " a text)")
+    db.execute(
+        "CREATE TABLE t (id int PRIMARY KEY, code text NOT NULL, region int NOT NULL, a text)"
+    )
     db.execute("CREATE UNIQUE INDEX t_code_region ON t (region, code)")
     db.execute("ALTER TABLE t REPLICA IDENTITY USING INDEX t_code_region")
     pub = _publish(db, "t")
@@ -152,7 +157,9 @@ async def test_using_index_identity_sends_the_index_columns(db: Database) -> Non
     assert src is not None
     # identity_columns follow the table's column order, not the index's.
     assert (src.replica_identity, src.primary_key, src.identity_columns) == (
-        "index", ("id",), ("code", "region"),
+        "index",
+        ("id",),
+        ("code", "region"),
     )
     assert upd.new_record == {"id": 1, "code": "A", "region": 7, "a": "second"}
     assert upd.old_record is None
@@ -203,7 +210,9 @@ async def test_nothing_identity_refuses_updates_and_deletes(db: Database) -> Non
     src = events[0].source
     assert src is not None
     assert (src.replica_identity, src.primary_key, src.identity_columns) == (
-        "nothing", ("id",), (),
+        "nothing",
+        ("id",),
+        (),
     )
     assert db.fetch("SELECT id, a FROM t ORDER BY id") == [(1, "a"), (2, "b")]
 

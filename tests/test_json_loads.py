@@ -11,9 +11,8 @@ from hypothesis import strategies as st
 
 from tests.fuzz import examples
 from walex import values
-from walex.values import json_loads, make_adapters
-
 from walex._accel import speedups as _speedups
+from walex.values import json_loads, make_adapters
 
 LOADERS = [pytest.param(json_loads, id="python")]
 if _speedups is not None:

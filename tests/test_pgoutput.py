@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.fuzz import examples
+from walex._accel import speedups
 from walex.errors import DecodeError
 from walex.lsn import LSN
 from walex.pgoutput import (
@@ -43,7 +44,6 @@ from walex.pgoutput import (
     Update,
     decode,
 )
-from walex._accel import speedups
 from walex.pgoutput import decoder as decoder_module
 from walex.pgoutput.decoder import read_tuple_py
 
@@ -288,8 +288,8 @@ def test_c_speedup_agrees_with_python_on_damaged_rows(msg: bytes, data: st.DataO
 @settings(max_examples=examples(800), deadline=None)
 @given(st.sampled_from([m for m in _SAMPLES if m[:1] in (b"I", b"U", b"D")]), st.data())
 def test_c_fast_path_never_crashes_on_damaged_frames(msg: bytes, data: st.DataObject) -> None:
-    from walex.events import Event
     from walex._accel import speedups as _speedups
+    from walex.events import Event
 
     relid = struct.unpack_from(">I", msg, 1)[0]
     ncols = data.draw(st.integers(0, 10))

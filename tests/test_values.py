@@ -185,9 +185,7 @@ def _short(value: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
 
 
-def _mismatches(
-    got: dict[str, Any], want: dict[str, Any], types: dict[str, str]
-) -> list[str]:
+def _mismatches(got: dict[str, Any], want: dict[str, Any], types: dict[str, str]) -> list[str]:
     """One line per column whose value differs (or is missing)."""
     lines = []
     for name, value in want.items():
@@ -202,8 +200,14 @@ def _mismatches(
     return lines
 
 
-def _reference(db: Database, *, mood: bool = False, posint: bool = False,
-               pair: bool = False, hstore: bool = False) -> psycopg.Connection[Any]:
+def _reference(
+    db: Database,
+    *,
+    mood: bool = False,
+    posint: bool = False,
+    pair: bool = False,
+    hstore: bool = False,
+) -> psycopg.Connection[Any]:
     """A plain psycopg connection, with the types registered as walex does."""
     conn = db.connect()
     if mood:
@@ -261,9 +265,13 @@ async def test_every_type_matches_select(db: Database, binary: bool) -> None:
         + ")"
     )
     insert = (
-        "INSERT INTO matrix (id, " + ", ".join(name for name, _, _ in COLUMNS) + ") VALUES (1, "
-        + ", ".join(literal for _, _, literal in COLUMNS) + "), (2, "
-        + ", ".join("NULL" for _ in COLUMNS) + ")"
+        "INSERT INTO matrix (id, "
+        + ", ".join(name for name, _, _ in COLUMNS)
+        + ") VALUES (1, "
+        + ", ".join(literal for _, _, literal in COLUMNS)
+        + "), (2, "
+        + ", ".join("NULL" for _ in COLUMNS)
+        + ")"
     )
     full, nulls = await _capture(db, "matrix", [insert], 2, binary)
     with _reference(db, mood=True, posint=True, pair=True) as conn:
@@ -310,13 +318,29 @@ async def test_infinite_dates_and_timestamps_do_not_break_the_stream(
     )
     assert [e.new_record for e in events] == [
         {
-            "id": 1, "d": "infinity", "ts": "-infinity", "tstz": "infinity",
-            "ok": date(2024, 2, 29), "d_arr": ["infinity", date(2024, 1, 1), "-infinity"],
+            "id": 1,
+            "d": "infinity",
+            "ts": "-infinity",
+            "tstz": "infinity",
+            "ok": date(2024, 2, 29),
+            "d_arr": ["infinity", date(2024, 1, 1), "-infinity"],
         },
-        {"id": 2, "d": "-infinity", "ts": "infinity", "tstz": "-infinity", "ok": None,
-         "d_arr": None},
-        {"id": 3, "d": date(2024, 1, 1), "ts": datetime(2024, 1, 1, 10, 0), "tstz": None,
-         "ok": None, "d_arr": None},
+        {
+            "id": 2,
+            "d": "-infinity",
+            "ts": "infinity",
+            "tstz": "-infinity",
+            "ok": None,
+            "d_arr": None,
+        },
+        {
+            "id": 3,
+            "d": date(2024, 1, 1),
+            "ts": datetime(2024, 1, 1, 10, 0),
+            "tstz": None,
+            "ok": None,
+            "d_arr": None,
+        },
     ]
 
 
@@ -394,11 +418,15 @@ async def test_type_without_a_loader_arrives_as_text(db: Database, binary: bool)
         values["ci_arr"] = "'{A,b}'"
     db.execute(
         "CREATE TABLE odd (id int PRIMARY KEY, "
-        + ", ".join(f"{name} {sql_type}" for name, sql_type in columns.items()) + ")"
+        + ", ".join(f"{name} {sql_type}" for name, sql_type in columns.items())
+        + ")"
     )
     insert = (
-        "INSERT INTO odd VALUES (1, " + ", ".join(values.values()) + "), (2, "
-        + ", ".join("NULL" for _ in values) + ")"
+        "INSERT INTO odd VALUES (1, "
+        + ", ".join(values.values())
+        + "), (2, "
+        + ", ".join("NULL" for _ in values)
+        + ")"
     )
     full, nulls = await _capture(db, "odd", [insert], 2, binary)
     with _reference(db) as conn:
@@ -485,10 +513,12 @@ async def test_source_names_the_types(db: Database) -> None:
     declared = {**columns, "id": "integer PRIMARY KEY", "b": "integer[][]"}
     db.execute(
         "CREATE TABLE named ("
-        + ", ".join(f"{name} {sql_type}" for name, sql_type in declared.items()) + ")"
+        + ", ".join(f"{name} {sql_type}" for name, sql_type in declared.items())
+        + ")"
     )
-    (event,) = await _capture(db, "named", ["INSERT INTO named (id, p) VALUES (1, 'red')"], 1,
-                              False)
+    (event,) = await _capture(
+        db, "named", ["INSERT INTO named (id, p) VALUES (1, 'red')"], 1, False
+    )
     assert event.source is not None
     assert dict(event.source.columns) == columns
     assert list(event.source.columns) == list(columns)  # in the table's order
