@@ -27,7 +27,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -35,6 +35,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from .admin import mask_dsn
 from .errors import ConfigurationError
 from .filters import parse_relation
+from .routing import POLICIES, ErrorPolicy
 
 __all__ = [
     "ENGINE_OPTIONS",
@@ -52,9 +53,7 @@ __all__ = [
     "validate",
 ]
 
-ErrorPolicy = Literal["stop", "skip", "dead_letter"]
 ENV_PREFIX = "WALEX_"
-POLICIES: tuple[str, ...] = ("stop", "skip", "dead_letter")
 _SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
