@@ -38,7 +38,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Protocol, Self, TypeAlias, runtime_checkable
 
-from .errors import ConfigurationError, DestinationError, HandlerError, WalexError
+from .errors import Abandoned, ConfigurationError, DestinationError, HandlerError
 from .events import Event
 from .filters import unwatched_fields as _keep_update
 from .filters import watched_record as _keep_record
@@ -148,14 +148,6 @@ DeadLetterSink: TypeAlias = "Destination | Callable[[DeadLetter], Any] | str | o
 (it gets the events, with retries), a callable taking a :class:`DeadLetter`
 (sync or async), or the path of a JSON-lines file (one :meth:`DeadLetter.to_dict`
 line per failure, fsynced before the events count as handled)."""
-
-
-class Abandoned(WalexError):
-    """A stop was asked for while a route waited to retry: the batch is not handled.
-
-    Raised by :meth:`Dispatcher.dispatch` (and ``Deliverer.handle``) when the
-    stop signal ends a retry wait; the caller must not confirm the batch.
-    """
 
 
 # -- retries -------------------------------------------------------------------
