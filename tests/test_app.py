@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import shlex
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -17,7 +18,7 @@ import walex
 from tests.fix_pg import Database
 from walex import Event, WalEx
 from walex.app import DeadLetter, serve
-from walex.errors import HandlerError, PublicationNotFound
+from walex.errors import ConfigurationError, HandlerError, PublicationNotFound
 from walex.lsn import LSN
 
 
@@ -584,6 +585,56 @@ async def test_server_errors_surface_at_start(db: Database) -> None:
     assert not app.running
 
 
+async def test_a_pattern_that_matches_no_published_table_is_an_error_at_start(
+    db: Database,
+) -> None:
+    pub = seed_tables(db)  # user_account and todo
+    db.execute("CREATE TABLE order_items (id int PRIMARY KEY)")  # not in the publication
+    app = make_app(db, pub)
+    app.on_insert("order_*", name="orders")(print)
+    app.on_insert("*")(print)  # "*" is never an error
+    app.on_event("user_*")(print)  # a pattern that matches is fine
+    with pytest.raises(ConfigurationError) as info:
+        await app.start()
+    message = str(info.value)
+    setup = shlex.join(
+        ["walex", "setup", app.settings.safe_conninfo, "--publication", pub, "--tables"]
+    )
+    assert (
+        f"handler orders: table pattern 'public.order_*' matches no table of publication "
+        f"'{pub}'; add it with: {setup} public.order_items"
+    ) in message
+    assert "user_" not in message
+    assert not app.running
+    assert not db.fetch(
+        "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (app.settings.slot_name,)
+    )
+
+    other = make_app(db, pub, subscriptions=["todo", "invoice_*", "order_items"])
+    other.add_destination(MemoryDestination("mem"), tables=["todo", "order_items"])
+    other.on_insert("user_*", name="users")(print)
+    with pytest.raises(ConfigurationError) as info:
+        await other.start()
+    lines = str(info.value).splitlines()[1:]
+    assert lines[0].startswith(
+        "- subscriptions: table pattern 'public.invoice_*' matches no table of publication "
+        f"'{pub}', nor any table of the database: correct the pattern"
+    )
+    assert lines[1] == (
+        "- subscriptions: table pattern 'public.order_items' matches no table of publication "
+        f"'{pub}'; add it with: {setup} public.order_items"
+    )
+    assert lines[2] == (
+        "- destination mem: table pattern 'public.order_items' matches no table of publication "
+        f"'{pub}'; add it with: {setup} public.order_items"
+    )
+    assert lines[3] == (
+        f"- handler users: table pattern 'public.user_*' matches public.user_account of "
+        f"publication '{pub}', which subscriptions (todo, invoice_*, order_items) leave out: "
+        "add it there"
+    )
+
+
 async def test_message_middleware_sees_every_batch_first_and_can_hold_the_flow(
     db: Database,
 ) -> None:
@@ -702,6 +753,7 @@ async def test_destination_refusals_are_not_retried_and_only_the_rest_is_resent(
     assert dest.attempts == 2
     (letter,) = [json.loads(line) for line in letters.read_text().splitlines()]
     assert [e["new_record"]["id"] for e in letter["events"]] == [2]
+    assert letter["attempts"] == 1  # tried once, not retries + 1
 
 
 async def test_destination_retry_after_is_honoured(db: Database) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import textwrap
@@ -16,7 +17,7 @@ from tests.fix_pg import Database
 from walex import WalEx
 from walex.config import default_slot_name, from_env, redact
 from walex.errors import ConfigurationError
-from walex.testing import make_insert, run_events
+from walex.testing import dispatch, make_insert, run_events
 
 
 def params(app: WalEx) -> dict[str, Any]:
@@ -246,6 +247,35 @@ def test_destinations_from_file(tmp_path: Path) -> None:
     (route,) = app._routes
     assert route.destination is not None
     assert route.types == {"insert"}
+
+
+async def test_destination_tables_in_a_file_take_shell_patterns(tmp_path: Path) -> None:
+    """docs/destinations.md promises shell patterns: "order_*" is not a literal name."""
+    pytest.importorskip("walex.destinations")
+    out = tmp_path / "out.jsonl"
+    path = write(
+        tmp_path,
+        f"""
+        publication = "p"
+        [[destinations]]
+        type = "file"
+        path = "{out}"
+        tables = ["order_*"]
+        """,
+    )
+    app = WalEx.from_config(path)
+    (route,) = app._routes
+    assert route.destination is not None
+    await dispatch(
+        app,
+        make_insert("order_items", {"id": 1}),
+        make_insert("orders", {"id": 2}),
+        make_insert("app.order_lines", {"id": 3}),
+    )
+    await route.destination.close()
+    assert [line["table"] for line in map(json.loads, out.read_text().splitlines())] == [
+        "order_items"
+    ]
 
 
 async def test_a_configured_app_runs_against_postgres(

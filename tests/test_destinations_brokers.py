@@ -194,6 +194,41 @@ async def test_jetstream_without_a_stream_is_an_error_not_a_loss() -> None:
     assert len(info.value.failed) == 1
 
 
+async def test_jetstream_unreachable_at_start_fails_in_one_line_within_its_timeout() -> None:
+    """nats-py's connect keeps knocking at a server that is not there; the
+    destination gives up within its timeout, as the other brokers do."""
+    pytest.importorskip("nats")
+    from walex.destinations.nats import JetStream
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dest = JetStream(servers=f"nats://127.0.0.1:{port}", subject="x.{table}", timeout=2)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(DestinationError, match="ConnectionRefusedError") as info:
+        await asyncio.wait_for(dest.start(), 10)
+    await dest.close()
+    assert info.value.retryable
+    assert f"cannot connect to nats://127.0.0.1:{port}" in str(info.value)
+    assert loop.time() - started < 3
+
+    # A server that accepts the connection and never speaks: the timeout bounds it.
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    dest = JetStream(servers=f"nats://127.0.0.1:{port}", subject="x.{table}", timeout=1)
+    started = loop.time()
+    async with server:
+        with pytest.raises(DestinationError, match="cannot connect"):
+            await asyncio.wait_for(dest.start(), 10)
+        await dest.close()
+    assert loop.time() - started < 3
+
+
 async def test_redis_maxlen_caps_the_stream() -> None:
     async with sink("redis") as snk:
         dest = from_config(snk.config(maxlen=10, exact_maxlen=True))

@@ -361,3 +361,47 @@ async def test_send_with_retry_hands_what_it_gives_up_to_the_caller() -> None:
     assert given_up == [([events[1].id], "refused")]
     assert dest.accepted == [events[2].id]
     assert dest.calls == 3
+
+
+async def test_a_stop_during_a_retry_wait_returns_at_once_unconfirmed(cdc_db: Database) -> None:
+    """deliver(stop=...) does not sleep out a retry delay during an outage: it
+    returns at once, and the transaction in hand comes again."""
+    pub, slot = cdc_db.unique("pub"), cdc_db.unique("slot")
+    cdc_db.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    cdc_db.execute(f"CREATE PUBLICATION {pub} FOR TABLE t")
+    async with walex.connect(cdc_db.dsn, publication=pub, slot=slot, durable=True):
+        pass
+    cdc_db.execute("INSERT INTO t VALUES (1)")
+    down = Flaky([DestinationError("broker away")] * 100)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    asked: list[float] = []
+
+    async def stop_after_the_first_try() -> None:
+        while not down.calls:  # noqa: ASYNC110 - a counter, not an event
+            await asyncio.sleep(0.01)
+        asked.append(loop.time())
+        stop.set()
+
+    stopper = asyncio.ensure_future(stop_after_the_first_try())
+    async with (
+        walex.connect(cdc_db.dsn, publication=pub, slot=slot, durable=True) as stream,
+        asyncio.timeout(20),
+    ):
+        await deliver(
+            stream, [down], retries=100000, policy=RetryPolicy(initial=30, maximum=30), stop=stop
+        )
+        stopped = loop.time()
+    await stopper
+    assert down.calls == 1
+    assert stopped - asked[0] < 2
+    working = Flaky()
+    async with (
+        walex.connect(cdc_db.dsn, publication=pub, slot=slot, durable=True) as stream,
+        Deliverer([working]) as deliverer,
+        asyncio.timeout(20),
+    ):
+        async for batch in stream:
+            await deliverer.handle(batch)
+            break
+    assert len(working.accepted) == 1

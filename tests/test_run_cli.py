@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import walex
 from tests.fix_pg import Database
 from tests.test_app import confirmed_flush, seed_tables
 from walex.cli import main
@@ -182,3 +183,118 @@ def test_a_failing_app_exits_1_with_the_error(db: Database, tmp_path: Path) -> N
     assert "walex: " in text
     assert "handler exploded" in text
     assert "not confirmed" in text
+
+
+DOWN_DESTINATION = """
+class Down:
+    '''A destination whose broker is away: every send fails, as in an outage.'''
+
+    def __init__(self, marker):
+        self.name = "down"
+        self.marker = marker
+
+    async def start(self):
+        pass
+
+    async def send(self, events):
+        with open(self.marker, "a") as f:
+            f.write("try\\n")
+        raise ConnectionError("broker unreachable")
+
+    async def close(self):
+        pass
+"""
+
+
+def test_sigterm_during_a_destination_outage_stops_at_once(db: Database, tmp_path: Path) -> None:
+    """retries = 100000 holds the position through an outage, yet a graceful
+    stop does not wait for the next retry: it stops now, unconfirmed."""
+    from tests.test_app import make_app
+
+    pub = seed_tables(db)
+    name = db.unique("outage")
+    tries = tmp_path / "tries.txt"
+    (tmp_path / "outage_destination.py").write_text(DOWN_DESTINATION)
+    config = tmp_path / "walex.toml"
+    config.write_text(
+        textwrap.dedent(
+            f"""
+            name = "{name}"
+            publication = "{pub}"
+            retries = 100000
+            retry_delay = 2
+
+            [[destinations]]
+            class = "outage_destination:Down"
+            marker = "{tries}"
+            tables = ["todo"]
+            """
+        )
+    )
+    log = tmp_path / "out.log"
+    proc = walex_run(["run", "--config", str(config)], tmp_path, log, {"WALEX_URL": db.dsn})
+    try:
+        wait_for(lambda: "streaming from slot" in log.read_text(), "the app to start")
+        db.execute("INSERT INTO todo (id) VALUES (1)")
+        wait_for(lambda: tries.exists() and len(tries.read_text().split()) >= 2, "a retry")
+        proc.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        assert proc.wait(timeout=30) == 0, log.read_text()
+        assert time.monotonic() - stopped < 3, log.read_text()
+    finally:
+        proc.kill()
+    text = log.read_text()
+    assert "Traceback" not in text
+    assert "not confirmed" in text
+
+    async def delivered_again() -> list[walex.Event]:
+        again = make_app(db, pub, name=name)
+        got: list[walex.Event] = []
+        arrived = asyncio.Event()
+
+        @again.on_insert("todo")
+        async def collect(events: list[walex.Event]) -> None:
+            got.extend(events)
+            arrived.set()
+
+        async with again, asyncio.timeout(15):
+            await arrived.wait()
+        return got
+
+    got = asyncio.run(delivered_again())
+    assert [(e.new_record or {}).get("id") for e in got] == [1]
+
+
+def test_a_forced_stop_that_leaves_work_unconfirmed_exits_1(db: Database, tmp_path: Path) -> None:
+    pub = seed_tables(db)
+    started = tmp_path / "started.txt"
+    (tmp_path / "slow_handlers.py").write_text(
+        textwrap.dedent(
+            f"""
+            import asyncio
+            async def slow(events):
+                open({str(started)!r}, "w").close()
+                await asyncio.sleep(60)
+            """
+        )
+    )
+    config = tmp_path / "walex.toml"
+    config.write_text(
+        f'name = "{db.unique("forced")}"\npublication = "{pub}"\n'
+        '[[handlers]]\nhandler = "slow_handlers:slow"\ntable = "todo"\ntype = "insert"\n'
+    )
+    log = tmp_path / "out.log"
+    proc = walex_run(["run", "--config", str(config)], tmp_path, log, {"WALEX_URL": db.dsn})
+    try:
+        wait_for(lambda: "streaming from slot" in log.read_text(), "the app to start")
+        db.execute("INSERT INTO todo (id) VALUES (1)")
+        wait_for(started.exists, "the handler")
+        proc.send_signal(signal.SIGINT)
+        wait_for(lambda: "stopping gracefully" in log.read_text(), "the first signal")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 1, log.read_text()
+    finally:
+        proc.kill()
+    text = log.read_text()
+    assert "forced stop: the transaction being handled was not confirmed" in text
+    assert "Traceback" not in text

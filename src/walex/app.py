@@ -1,5 +1,10 @@
 """The WalEx app: handlers and destinations on the changes of a database.
 
+This module owns the app's settings, registration and lifecycle (start,
+stop, signals). It does not route, retry or apply an error policy itself:
+each handler and destination becomes a :class:`walex.routing.Route`, and a
+:class:`walex.routing.Dispatcher` runs every batch through them.
+
 :class:`WalEx` reads one replication slot with the engine
 (:func:`walex.connect`) and hands each batch to the handlers and
 destinations registered for its tables, in commit order::
@@ -28,25 +33,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import json
 import logging
 import os
+import shlex
 import signal
 import time
-import typing
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
 from . import config as _config
-from .destinations import Destination, DestinationError, RetryPolicy, send_with_retry
+from .admin import connect_sql, publication_tables
 from .errors import ConfigurationError, HandlerError, WalexError
 from .events import Batch, Event
-from .filters import Relation, parse_relation, unwatched_fields, watched_record
+from .names import TablePattern, parse_pattern
+from .routing import (
+    ALL_TYPES,
+    TABLE_TYPES,
+    Abandoned,
+    DeadLetter,
+    Destination,
+    Dispatcher,
+    RetryPolicy,
+    Route,
+    Unmatched,
+    name_of,
+    table_name,
+    unmatched_patterns,
+)
 from .stream import Stream, connect
-from .wire import to_dict
 
 __all__ = [
     "DeadLetter",
@@ -63,8 +77,6 @@ logger = logging.getLogger(__name__)
 HandlerType = Literal["insert", "update", "delete", "truncate", "event", "message"]
 """What a handler is registered for; ``"event"`` is every table change."""
 
-_TABLE_TYPES = frozenset({"insert", "update", "delete", "truncate"})
-_ALL_TYPES = frozenset({*_TABLE_TYPES, "message"})
 F = TypeVar("F", bound=Callable[..., Any])
 _FILTER_KEYS = frozenset(
     {"unwatched_fields", "unwatched_records", "where", "columns", "exclude_columns"}
@@ -83,184 +95,6 @@ class Observer(Protocol):
     loop: keep them quick. An exception in an observer is logged and
     otherwise ignored.
     """
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """Events that a handler (or destination) could not handle.
-
-    Attributes:
-        app: the app's name.
-        handler: the handler's (or destination's) name.
-        events: the events it failed on, as handed to it.
-        error: the last exception.
-        attempts: how many times it was tried.
-        failed_at: when it gave up (UTC).
-    """
-
-    app: str
-    handler: str
-    events: list[Event]
-    error: BaseException
-    attempts: int
-    failed_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON-ready form written to a dead-letter file (one line each)."""
-        return {
-            "app": self.app,
-            "handler": self.handler,
-            "error": {"type": type(self.error).__name__, "message": str(self.error)},
-            "attempts": self.attempts,
-            "failed_at": self.failed_at.isoformat(),
-            "events": [to_dict(e) for e in self.events],
-        }
-
-
-class _Abandon(Exception):
-    """A stop arrived while a handler was waiting to retry: confirm nothing."""
-
-
-def _is_async(fn: Callable[..., Any]) -> bool:
-    if inspect.iscoroutinefunction(fn):
-        return True
-    call = getattr(fn, "__call__", None)  # noqa: B004 - an object with async __call__
-    return call is not None and inspect.iscoroutinefunction(call)
-
-
-def _takes_one_event(fn: Callable[..., Any]) -> bool:
-    """Whether the handler's first parameter is annotated ``Event`` (not a list)."""
-    try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):
-        return False
-    if not params:
-        raise ConfigurationError(f"handler {_name_of(fn)} must take one argument: the events")
-    annotation = params[0].annotation
-    if annotation is Event:
-        return True
-    if isinstance(annotation, str):
-        try:
-            hints = typing.get_type_hints(fn)
-        except Exception:
-            return annotation.rsplit(".", 1)[-1] == "Event"
-        return hints.get(params[0].name) is Event
-    return False
-
-
-def _name_of(fn: Any) -> str:
-    module = getattr(fn, "__module__", None)
-    qualname = getattr(fn, "__qualname__", None) or type(fn).__name__
-    return f"{module}:{qualname}" if module else str(qualname)
-
-
-class _Route:
-    """One handler or destination and what it receives."""
-
-    def __init__(
-        self,
-        *,
-        name: str,
-        types: frozenset[str],
-        tables: Sequence[Relation],
-        prefix: str | None = None,
-        unwatched_fields: Collection[str] | None = None,
-        unwatched_records: Mapping[str, Any] | None = None,
-        where: Callable[[Event], bool] | None = None,
-        columns: Collection[str] | None = None,
-        exclude_columns: Collection[str] | None = None,
-        functions: Sequence[Callable[[Event], Any]] = (),
-        on_error: str | None = None,
-        retries: int | None = None,
-        handler: Callable[..., Any] | None = None,
-        destination: Destination | None = None,
-    ) -> None:
-        self.name = name
-        self.types = types
-        self.tables = tuple(tables)
-        self.any_table = any(t.schema is None and t.table is None for t in self.tables)
-        self.prefix = prefix
-        self.unwatched_fields = frozenset(unwatched_fields) if unwatched_fields else None
-        self.unwatched_records = dict(unwatched_records) if unwatched_records else None
-        self.where = where
-        self.columns = tuple(columns) if columns is not None else None
-        self.exclude_columns = frozenset(exclude_columns) if exclude_columns else None
-        self.functions = tuple(functions)
-        self.on_error = on_error
-        self.retries = retries
-        self.handler = handler
-        self.destination = destination
-        self.per_event = handler is not None and _takes_one_event(handler)
-        self.is_async = handler is not None and _is_async(handler)
-        self.label = (
-            "message"
-            if types == {"message"}
-            else (next(iter(types)) if len(types) == 1 else "event")
-        )
-        self.table_label = ",".join(str(t) for t in self.tables) if self.tables else "*"
-        self._table_cache: dict[tuple[str, str], bool] = {}
-
-    def _table_ok(self, schema: str, table: str) -> bool:
-        key = (schema, table)
-        hit = self._table_cache.get(key)
-        if hit is None:
-            hit = self._table_cache[key] = any(
-                (t.schema is None or t.schema == schema) and (t.table is None or t.table == table)
-                for t in self.tables
-            )
-        return hit
-
-    def select(self, events: Iterable[Event]) -> list[Event]:
-        out: list[Event] = []
-        types = self.types
-        for e in events:
-            if e.type not in types:
-                continue
-            src = e.source
-            if src is None:  # a logical message
-                if self.destination is not None:
-                    if not self.any_table:
-                        continue
-                elif self.prefix is not None and e.prefix != self.prefix:
-                    continue
-            elif not self._table_ok(src.schema, src.table):
-                continue
-            if self.unwatched_fields is not None and not unwatched_fields(e, self.unwatched_fields):
-                continue
-            if self.unwatched_records is not None and not watched_record(e, self.unwatched_records):
-                continue
-            if self.where is not None and not self.where(e):
-                continue
-            out.append(self._shape(e) if src is not None else e)
-        return out
-
-    def _shape(self, e: Event) -> Event:
-        if self.columns is None and self.exclude_columns is None:
-            return e
-        return e._replace(
-            new_record=self._keep(e.new_record),
-            old_record=self._keep(e.old_record),
-            unchanged_toast=frozenset(self._keep(dict.fromkeys(e.unchanged_toast)) or ()),
-        )
-
-    def _keep(self, record: dict[str, Any] | None) -> dict[str, Any] | None:
-        if record is None:
-            return None
-        if self.columns is not None:
-            record = {k: record[k] for k in self.columns if k in record}
-        if self.exclude_columns is not None:
-            record = {k: v for k, v in record.items() if k not in self.exclude_columns}
-        return record
-
-
-async def _call(fn: Callable[..., Any], is_async: bool, arg: Any) -> None:
-    if is_async:
-        await fn(arg)
-        return
-    # Sync code runs in a worker thread so that it cannot stall the stream.
-    result = await asyncio.to_thread(fn, arg)
-    if inspect.isawaitable(result):
-        await result
 
 
 class WalEx:
@@ -326,16 +160,32 @@ class WalEx:
         self._middleware = message_middleware
         self.settings = settings
         self.name = settings.name
-        self._subscriptions = [parse_relation(p) for p in settings.subscriptions]
-        self._sub_cache: dict[tuple[str, str], bool] = {}
-        self._routes: list[_Route] = []
-        self._destinations: list[Destination] = []
+        self._subscriptions = [parse_pattern(p) for p in settings.subscriptions]
+        # One retry policy for handlers, functions and destinations alike.
+        self._retry_policy = RetryPolicy(
+            retries=settings.retries,
+            initial=min(settings.retry_delay, settings.max_retry_delay),
+            maximum=settings.max_retry_delay,
+        )
         self._observers = list(observers)
+        self._dispatcher = Dispatcher(
+            name=self.name,
+            subscriptions=self._subscriptions,
+            observers=self._observers,
+            stop_message=(
+                "The app stops; this transaction is not confirmed and is delivered again "
+                "when the app restarts"
+                + ("" if settings.durable_slot else " (with a durable slot only)")
+            ),
+        )
+        self._routes: list[Route] = self._dispatcher.routes
         self._stream: Stream | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping: asyncio.Event | None = None
         self._reading = False
         self._stop_cancel = False
+        self._handling = False  # a batch is being dispatched
+        self._forced = False  # a forced stop cut a batch short: it is not confirmed
         self.error: BaseException | None = None
         self._make_stream()  # the engine checks its own options now, not at start
 
@@ -408,7 +258,7 @@ class WalEx:
             raise ConfigurationError(f"{where}: handler is required ('module:function')")
         fn = _config.import_object(section["handler"], f"{where}.handler")
         type_ = section.get("type", "event")
-        if type_ not in (*_TABLE_TYPES, "event", "message"):
+        if type_ not in (*TABLE_TYPES, "event", "message"):
             raise ConfigurationError(
                 f"{where}.type must be insert, update, delete, truncate, event or message, "
                 f"not {type_!r}"
@@ -471,6 +321,84 @@ class WalEx:
             **s.engine,
         )
 
+    # -- the publication's tables -------------------------------------------------
+
+    async def _check_tables(self) -> None:
+        """Refuse table patterns that match no table of the publication: they never fire."""
+        if all(_any_table(p) for p in self._subscriptions) and all(
+            all(_any_table(p) for p in route.tables) or not route.types & TABLE_TYPES
+            for route in self._routes
+        ):
+            return  # only "*": nothing that could miss, no connection needed
+        s = self.settings
+        conn = await connect_sql(
+            s.conninfo, s.engine.get("connect_timeout", 30.0), application_name="walex-app"
+        )
+        try:
+            published: set[tuple[str, str]] = set()
+            for pub in s.publications:
+                found = await publication_tables(conn, pub)
+                if found is None:
+                    return  # the stream reports the missing publication, with its fix
+                published |= found[1]
+            problems = unmatched_patterns(self._routes, self._subscriptions, published)
+            if not problems:
+                return
+            cur = await conn.execute(_TABLES_SQL)
+            existing = [(r[0], r[1]) for r in await cur.fetchall()]
+        finally:
+            await conn.close()
+        raise ConfigurationError(self._unmatched_message(problems, published, existing))
+
+    def _unmatched_message(
+        self,
+        problems: Sequence[Unmatched],
+        published: set[tuple[str, str]],
+        existing: Sequence[tuple[str, str]],
+    ) -> str:
+        s = self.settings
+        pub = s.publications[0]
+        pubs = ", ".join(repr(p) for p in s.publications)
+        lines = [f"{self.name}: table patterns that match no table, so they would never fire:"]
+        for problem in problems:
+            pattern = problem.pattern
+            head = f"{problem.owner}: table pattern {str(pattern)!r}"
+            if problem.left_out:
+                names = ", ".join(table_name(*t) for t in problem.left_out)
+                lines.append(
+                    f"- {head} matches {names} of publication {pubs}, which subscriptions "
+                    f"({', '.join(s.subscriptions)}) leave out: add it there"
+                )
+                continue
+            candidates = sorted(t for t in existing if pattern.matches(*t) and t not in published)
+            what = f"- {head} matches no table of publication {pubs}"
+            if candidates:
+                tables = ",".join(table_name(*t) for t in candidates)
+                unsubscribed = [t for t in candidates if not self._dispatcher.subscribed(*t)]
+                lines.append(
+                    f"{what}; add {'it' if len(candidates) == 1 else 'them'} with: "
+                    + _setup_command(s.safe_conninfo, pub, tables)
+                    + (
+                        " (and to subscriptions: "
+                        + ", ".join(table_name(*t) for t in unsubscribed)
+                        + ")"
+                        if unsubscribed
+                        else ""
+                    )
+                )
+            elif pattern.exact:
+                lines.append(
+                    f"{what}, and the database has no such table: create it, then add it "
+                    "with: " + _setup_command(s.safe_conninfo, pub, str(pattern))
+                )
+            else:
+                lines.append(
+                    f"{what}, nor any table of the database: correct the pattern, or create "
+                    "the table and add it with: "
+                    + _setup_command(s.safe_conninfo, pub, "SCHEMA.TABLE")
+                )
+        return "\n".join(lines)
+
     # -- registration ------------------------------------------------------
 
     def add_handler(
@@ -517,10 +445,10 @@ class WalEx:
         """
         if not callable(handler):
             raise ConfigurationError(f"handler must be callable, not {handler!r}")
-        label = name or _name_of(handler)
+        label = name or name_of(handler)
         if type == "event":
-            types = _TABLE_TYPES
-        elif type in _ALL_TYPES:
+            types = TABLE_TYPES
+        elif type in ALL_TYPES:
             types = frozenset({type})
         else:
             raise ConfigurationError(
@@ -542,16 +470,15 @@ class WalEx:
             if not callable(f):
                 raise ConfigurationError(f"{label}: functions must be callables, not {f!r}")
         tables = [] if type == "message" else self._tables(label, table)
-        self._routes.append(
-            _Route(
+        self._dispatcher.add(
+            Route(
+                handler,
                 name=label,
                 types=types,
                 tables=tables,
                 prefix=prefix,
                 functions=functions,
-                on_error=self._policy(label, on_error),
-                retries=self._retries(label, retries),
-                handler=handler,
+                **self._error_handling(label, on_error, retries),
                 **opts,
             )
         )
@@ -572,21 +499,19 @@ class WalEx:
         if opts.get("columns") is not None and opts.get("exclude_columns") is not None:
             raise ConfigurationError(f"{label}: give columns or exclude_columns, not both")
 
-    def _tables(self, label: str, table: str | Sequence[str]) -> list[Relation]:
+    def _tables(self, label: str, table: str | Sequence[str]) -> list[TablePattern]:
         patterns = [table] if isinstance(table, str) else list(table)
         if not patterns:
             raise ConfigurationError(f"{label}: table must name at least one table pattern")
         out = []
         for pattern in patterns:
             try:
-                rel = parse_relation(pattern)
+                rel = parse_pattern(pattern)
             except (ValueError, TypeError) as exc:
                 raise ConfigurationError(f"{label}: table: {exc}") from None
-            if (
-                rel.schema is not None
-                and rel.table is not None
-                and not self._subscribed(rel.schema, rel.table)
-            ):
+            # A pattern with wildcards is checked against the publication at start.
+            schema, name = rel.schema, rel.table
+            if rel.exact and not self._dispatcher.subscribed(schema or "", name or ""):
                 subs = ", ".join(self.settings.subscriptions)
                 raise ConfigurationError(
                     f"{label} watches {rel}, which is not in subscriptions ({subs}): "
@@ -595,7 +520,10 @@ class WalEx:
             out.append(rel)
         return out
 
-    def _policy(self, label: str, on_error: str | None) -> str | None:
+    def _error_handling(
+        self, label: str, on_error: str | None, retries: int | None
+    ) -> dict[str, Any]:
+        """A route's ``on_error``, ``policy`` and ``dead_letter``: its own, else the app's."""
         if on_error is not None and on_error not in _config.POLICIES:
             raise ConfigurationError(
                 f"{label}: on_error must be 'stop', 'skip' or 'dead_letter', not {on_error!r}"
@@ -605,14 +533,17 @@ class WalEx:
                 f"{label}: on_error='dead_letter' needs the app's dead_letter setting "
                 "(a callable or a JSON-lines file path)"
             )
-        return on_error
-
-    def _retries(self, label: str, retries: int | None) -> int | None:
         if retries is not None and (
             not isinstance(retries, int) or isinstance(retries, bool) or retries < 0
         ):
             raise ConfigurationError(f"{label}: retries must be a whole number, 0 or more")
-        return retries
+        return {
+            "on_error": on_error or self.settings.on_error,
+            "policy": self._retry_policy.with_retries(
+                self._retry_policy.retries if retries is None else retries
+            ),
+            "dead_letter": self.settings.dead_letter,
+        }
 
     def _decorator(
         self, type: HandlerType, table: str | Sequence[str], filters: Any, kwargs: Any
@@ -717,46 +648,37 @@ class WalEx:
                 )
         label = str(getattr(destination, "name", type(destination).__name__))
         if types is None:
-            kinds = _ALL_TYPES
+            kinds = ALL_TYPES
         else:
             kinds = frozenset(types)
-            if isinstance(types, str) or not kinds <= _ALL_TYPES:
+            if isinstance(types, str) or not kinds <= ALL_TYPES:
                 raise ConfigurationError(
-                    f"destination {label}: types must be a list of {sorted(_ALL_TYPES)}"
+                    f"destination {label}: types must be a list of {sorted(ALL_TYPES)}"
                 )
-        self._routes.append(
-            _Route(
+        self._dispatcher.add(
+            Route(
+                destination,
                 name=label,
                 types=kinds,
                 tables=self._tables(f"destination {label}", tables),
-                on_error=self._policy(f"destination {label}", on_error),
-                retries=self._retries(f"destination {label}", retries),
-                destination=destination,
+                **self._error_handling(f"destination {label}", on_error, retries),
             )
         )
-        self._destinations.append(destination)
 
     # -- dispatch --------------------------------------------------------------
-
-    def _subscribed(self, schema: str, table: str) -> bool:
-        key = (schema, table)
-        hit = self._sub_cache.get(key)
-        if hit is None:
-            hit = self._sub_cache[key] = any(
-                (s.schema is None or s.schema == schema) and (s.table is None or s.table == table)
-                for s in self._subscriptions
-            )
-        return hit
 
     async def dispatch(self, batch: Batch) -> None:
         """Run every handler and destination concerned by *batch*; return when done.
 
         This is what the app does with each batch the stream yields; it is
         public for :mod:`walex.testing`. Handlers run one after another, in
-        the order they were registered, then the destinations.
+        the order they were registered, then the destinations (side by side);
+        each with the retries and error policy of :mod:`walex.routing`.
 
         Raises:
-            HandlerError: a handler kept failing under the ``"stop"`` policy.
+            HandlerError: a handler or destination kept failing under the
+                ``"stop"`` policy.
+            Abandoned: a stop was asked for while one waited to retry.
         """
         started = time.perf_counter()
         if self._middleware is not None:
@@ -770,22 +692,7 @@ class WalEx:
                     f"(commit {batch.commit_lsn}): {type(exc).__name__}: {exc}; the app stops "
                     "and the transaction is not confirmed"
                 ) from exc
-        events = batch.events
-        subscribed = [
-            e
-            for e in events
-            if e.source is None or self._subscribed(e.source.schema, e.source.table)
-        ]
-        if subscribed:
-            for route in self._routes:
-                try:
-                    selected = route.select(subscribed)
-                except Exception as exc:
-                    # A `where` predicate that raises: the route's policy decides.
-                    await self._give_up(route, f"{route.name} (where)", subscribed, exc, 1)
-                    continue
-                if selected:
-                    await self._deliver(route, selected)
+        await self._dispatcher.dispatch(batch.events)
         if self._observers:
             elapsed = time.perf_counter() - started
             for obs in self._observers:
@@ -795,152 +702,6 @@ class WalEx:
                         method(batch, elapsed)
                     except Exception:
                         logger.exception("observer %r failed in on_batch", obs)
-
-    async def _deliver(self, route: _Route, events: list[Event]) -> None:
-        dest = route.destination
-        if dest is not None:
-            await self._send(route, dest, events)
-            return
-        handler = route.handler
-        assert handler is not None
-        if route.per_event:
-            for event in events:
-                await self._attempt(route, route.name, handler, route.is_async, event, [event])
-                await self._pipeline(route, [event])
-        else:
-            await self._attempt(route, route.name, handler, route.is_async, list(events), events)
-            await self._pipeline(route, events)
-
-    async def _send(self, route: _Route, dest: Destination, events: list[Event]) -> None:
-        # Destinations say more than "it failed": which events were accepted,
-        # whether to retry at all (a webhook's 4xx), and when (Retry-After).
-        s = self.settings
-        retries = s.retries if route.retries is None else route.retries
-        policy = RetryPolicy(retries=retries, initial=s.retry_delay, maximum=s.max_retry_delay)
-        started = time.perf_counter()
-        failures: list[DestinationError] = []
-
-        async def give_up(failed: Sequence[Event], error: DestinationError) -> None:
-            failures.append(error)
-            await self._give_up(route, route.name, list(failed), error, retries + 1)
-
-        try:
-            await send_with_retry(dest, events, policy, on_give_up=give_up)
-        finally:
-            if self._observers:
-                error = failures[-1] if failures else None
-                self._observe(route.name, route, events, time.perf_counter() - started, error)
-
-    async def _pipeline(self, route: _Route, events: list[Event]) -> None:
-        for fn in route.functions:
-            label = f"{route.name} → {_name_of(fn)}"
-            is_async = _is_async(fn)
-            for event in events:
-                await self._attempt(route, label, fn, is_async, event, [event])
-
-    async def _attempt(
-        self,
-        route: _Route,
-        label: str,
-        fn: Callable[..., Any],
-        is_async: bool,
-        arg: Any,
-        events: list[Event],
-    ) -> None:
-        s = self.settings
-        retries = s.retries if route.retries is None else route.retries
-        attempt = 0
-        while True:
-            attempt += 1
-            started = time.perf_counter()
-            try:
-                await _call(fn, is_async, arg)
-            except Exception as exc:
-                self._observe(label, route, events, time.perf_counter() - started, exc)
-                if attempt > retries:
-                    await self._give_up(route, label, events, exc, attempt)
-                    return
-                delay = min(s.retry_delay * 2 ** (attempt - 1), s.max_retry_delay)
-                logger.warning(
-                    "%s: %s failed on %s (attempt %d of %d: %s: %s); retrying in %.2fs",
-                    self.name,
-                    label,
-                    _describe(events),
-                    attempt,
-                    retries + 1,
-                    type(exc).__name__,
-                    exc,
-                    delay,
-                )
-                await self._pause(delay)
-            else:
-                if self._observers:
-                    self._observe(label, route, events, time.perf_counter() - started, None)
-                return
-
-    async def _pause(self, delay: float) -> None:
-        stopping = self._stopping
-        if stopping is None:
-            await asyncio.sleep(delay)
-            return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(delay):
-                await stopping.wait()
-        if stopping.is_set():
-            raise _Abandon
-
-    def _observe(
-        self,
-        label: str,
-        route: _Route,
-        events: list[Event],
-        seconds: float,
-        error: Exception | None,
-    ) -> None:
-        tables = {e.source.name for e in events if e.source is not None}
-        table = tables.pop() if len(tables) == 1 else route.table_label
-        for obs in self._observers:
-            method = getattr(obs, "on_handler", None)
-            if method is not None:
-                try:
-                    method(label, table, route.label, seconds, error)
-                except Exception:
-                    logger.exception("observer %r failed in on_handler", obs)
-
-    async def _give_up(
-        self, route: _Route, label: str, events: list[Event], exc: Exception, attempts: int
-    ) -> None:
-        policy = route.on_error or self.settings.on_error
-        what = f"{label} failed on {_describe(events)} after {attempts} attempt(s)"
-        if policy == "skip":
-            logger.error("%s: %s; skipped (on_error='skip')", self.name, what, exc_info=exc)
-            return
-        if policy == "dead_letter":
-            letter = DeadLetter(self.name, label, list(events), exc, attempts)
-            try:
-                await self._write_dead_letter(letter)
-            except Exception as dl_exc:
-                raise HandlerError(
-                    f"{what}: {type(exc).__name__}: {exc}; and the dead letter could not be "
-                    f"written ({type(dl_exc).__name__}: {dl_exc}); nothing after it is confirmed"
-                ) from dl_exc
-            logger.error("%s: %s; sent to the dead letters", self.name, what, exc_info=exc)
-            return
-        raise HandlerError(
-            f"{what}: {type(exc).__name__}: {exc}. The app stops; this transaction is not "
-            "confirmed and is delivered again when the app restarts"
-            + ("" if self.settings.durable_slot else " (with a durable slot only)")
-        ) from exc
-
-    async def _write_dead_letter(self, letter: DeadLetter) -> None:
-        sink = self.settings.dead_letter
-        if sink is None:  # pragma: no cover - checked at registration
-            raise ConfigurationError("no dead_letter configured")
-        if isinstance(sink, Path):
-            line = json.dumps(letter.to_dict(), ensure_ascii=False, separators=(",", ":"))
-            await asyncio.to_thread(_append_line, sink, line)
-            return
-        await _call(sink, _is_async(sink), letter)  # a sync sink runs in a worker thread
 
     # -- running ---------------------------------------------------------------
 
@@ -956,7 +717,14 @@ class WalEx:
         delivered (and, with a durable slot, those committed while the app
         was down). Use :meth:`stop` or :meth:`wait` afterwards.
 
+        Before streaming, the publication's tables are looked up: a
+        subscription, handler or destination whose table pattern matches
+        none of them is an error (it would never fire), naming the
+        ``walex setup`` command that adds the table. ``"*"`` is never one.
+
         Raises:
+            ConfigurationError: a table pattern matches no table of the
+                publication.
             WalexError: the server is not ready, the slot is in use, ... (see
                 :mod:`walex.errors`); nothing keeps running.
         """
@@ -964,17 +732,17 @@ class WalEx:
             raise RuntimeError(f"app {self.name!r} is already running")
         self.error = None
         self._stopping = asyncio.Event()
+        self._dispatcher.stop = self._stopping
         self._stop_cancel = False
+        self._handling = self._forced = False
+        await self._check_tables()
         stream = self._make_stream()
-        started: list[Destination] = []
         try:
-            for dest in self._destinations:
-                await dest.start()
-                started.append(dest)
+            await self._dispatcher.start()
             await stream.open()
         except BaseException:
             await stream.aclose()
-            await self._close_destinations(started)
+            await self._dispatcher.close()
             raise
         self._stream = stream
         self._tell("track_stream", stream)
@@ -1000,7 +768,9 @@ class WalEx:
                         batch = await stream.__anext__()
                     finally:
                         self._reading = False
+                    self._handling = True
                     await self.dispatch(batch)
+                    self._handling = False
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if not self._stop_cancel or task is None:
@@ -1010,17 +780,19 @@ class WalEx:
                 task.uncancel()
             except StopAsyncIteration:
                 pass
-        except _Abandon:
+        except Abandoned:
             logger.warning(
-                "%s: stopped while a handler was waiting to retry; that transaction is not "
-                "confirmed and comes again on restart",
+                "%s: stopped while a handler or destination was waiting to retry; that "
+                "transaction is not confirmed and comes again on restart",
                 self.name,
             )
-            await stream.__aexit__(_Abandon, None, None)
+            await stream.__aexit__(Abandoned, None, None)
         except asyncio.CancelledError:
-            logger.warning(
-                "%s: forced stop; the transaction being handled is not confirmed", self.name
-            )
+            if self._handling:
+                self._forced = True
+                logger.warning(
+                    "%s: forced stop; the transaction being handled is not confirmed", self.name
+                )
             await asyncio.shield(stream.__aexit__(asyncio.CancelledError, None, None))
             raise
         except BaseException as exc:
@@ -1034,7 +806,8 @@ class WalEx:
             # A clean end: what was handled (the last batch too) is confirmed.
             await stream.__aexit__(None, None, None)
         finally:
-            await self._close_destinations(self._destinations)
+            self._handling = False
+            await self._dispatcher.close()
             self._tell("untrack_stream", stream)
             self._stream = None
             logger.info("%s: stopped", self.name)
@@ -1052,13 +825,6 @@ class WalEx:
     def stream(self) -> Stream | None:
         """The engine's stream while the app runs (positions, lag), else ``None``."""
         return self._stream
-
-    async def _close_destinations(self, destinations: Iterable[Destination]) -> None:
-        for dest in destinations:
-            try:
-                await dest.close()
-            except Exception:
-                logger.exception("%s: closing destination %s failed", self.name, dest.name)
 
     def request_stop(self) -> None:
         """Ask the app to stop gracefully, without waiting (safe from a signal handler).
@@ -1139,21 +905,21 @@ class WalEx:
         run(self)
 
 
-def _append_line(path: Path, line: str) -> None:
-    # Durable before the transaction is confirmed: fsync, not just write.
-    with path.open("a", encoding="utf-8") as f:
-        f.write(line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+_TABLES_SQL = """
+SELECT n.nspname::text, c.relname::text
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.relkind IN ('r', 'p')
+   AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%'
+"""
 
 
-def _describe(events: Sequence[Event]) -> str:
-    if not events:
-        return "no events"
-    first = events[0]
-    where = first.source.name if first.source is not None else f"message {first.prefix!r}"
-    ids = ", ".join(e.id for e in events[:3]) + (", ..." if len(events) > 3 else "")
-    return f"{len(events)} {first.type} event(s) of {where} [{ids}]"
+def _any_table(pattern: TablePattern) -> bool:
+    return pattern.schema is None and pattern.table is None
+
+
+def _setup_command(dsn: str, publication: str, tables: str) -> str:
+    """The ``walex setup`` command line that adds *tables* to *publication*."""
+    return shlex.join(["walex", "setup", dsn, "--publication", publication, "--tables", tables])
 
 
 async def serve(*apps: WalEx, stop_all_on_error: bool = False, signals: bool = True) -> None:
@@ -1161,7 +927,8 @@ async def serve(*apps: WalEx, stop_all_on_error: bool = False, signals: bool = T
 
     Each app has its own slot and stream. One app that fails does not stop
     the others unless *stop_all_on_error* is true. A first signal stops every
-    app gracefully; a second one cancels running handlers.
+    app gracefully; a second one cancels running handlers (and destination
+    sends), which makes it raise if a transaction was left unconfirmed.
 
     Args:
         apps: the apps to run.
@@ -1169,7 +936,8 @@ async def serve(*apps: WalEx, stop_all_on_error: bool = False, signals: bool = T
         signals: install SIGINT/SIGTERM handlers (main thread only).
 
     Raises:
-        WalexError: the first error that stopped an app (the others are logged).
+        WalexError: the first error that stopped an app (the others are
+            logged), or a forced stop that left a transaction unconfirmed.
     """
     if not apps:
         raise ConfigurationError("walex.run() needs at least one app")
@@ -1241,6 +1009,11 @@ async def _live(app: WalEx) -> None:
         logger.error("%s: could not start: %s", app.name, exc)
         raise
     await app.wait()
+    if app._forced:
+        raise WalexError(
+            f"{app.name}: forced stop: the transaction being handled was not confirmed "
+            "and is delivered again when the app restarts"
+        )
 
 
 def run(*apps: WalEx, stop_all_on_error: bool = False) -> None:

@@ -27,7 +27,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -36,6 +36,7 @@ from . import _accel
 from .errors import ConfigurationError, mask_dsn
 from .filters import parse_relation
 from .options import option_specs
+from .routing import POLICIES, ErrorPolicy
 
 __all__ = [
     "ENGINE_OPTIONS",
@@ -53,9 +54,7 @@ __all__ = [
     "validate",
 ]
 
-ErrorPolicy = Literal["stop", "skip", "dead_letter"]
 ENV_PREFIX = "WALEX_"
-POLICIES: tuple[str, ...] = ("stop", "skip", "dead_letter")
 _SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}

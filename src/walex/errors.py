@@ -28,6 +28,7 @@ only libpq's text), with the original kept as ``__cause__``.
     │   ├── DecodeError                        a pgoutput message walex cannot read
     │   └── ServerError                        the server answered a command with an error
     ├── HandlerError                           user code failed (the error policy gave up)
+    ├── Abandoned                              a stop ended a wait to retry: not handled
     ├── DestinationError                       a destination could not deliver
     └── EmbeddedPostgresError                  the local throw-away Postgres failed
         └── PostgresNotFound
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from .events import Event
 
 __all__ = [
+    "Abandoned",
     "AuthenticationFailed",
     "ConfigurationError",
     "ConnectionFailed",
@@ -180,6 +182,16 @@ class ServerError(StreamError):
 
 class HandlerError(WalexError):
     """A handler (or destination) failed and the error policy gave up."""
+
+
+class Abandoned(WalexError):
+    """A stop was asked for while a handler or destination waited to retry.
+
+    The batch in hand was not handled and must not be confirmed; it comes
+    again after a restart. Raised by :class:`walex.routing.Dispatcher` (and
+    ``walex.destinations.Deliverer.handle``); the app and
+    ``walex.destinations.deliver`` take it as the end of a graceful stop.
+    """
 
 
 class DestinationError(WalexError):

@@ -7,8 +7,10 @@
     walex run --config walex.toml                # settings and handlers from a file
 
 Shutdown is graceful: running handlers finish, what they handled is
-confirmed, and the command exits 0. A second signal cancels running
-handlers (their transaction is not confirmed and comes again next time).
+confirmed, and the command exits 0 (a handler or destination waiting to
+retry stops waiting; its transaction is not confirmed). A second signal
+cancels running handlers and destination sends: their transaction is not
+confirmed and comes again next time, and the command exits 1.
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ def _load(ref: str) -> WalEx:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the apps; 0 after a graceful stop, 1 if an app failed (the error is printed)."""
+    """Run the apps; 0 after a graceful stop, 1 if an app failed or a forced stop left work
+    unconfirmed (the error is printed)."""
     if not args.apps and not args.config:
         raise ConfigurationError("name an app (walex run module:app) or a --config file")
     # Let `walex run app:app` find modules in the current directory, as python -m does.

@@ -1,42 +1,19 @@
-"""The destination protocol, its error, routing templates, optional imports."""
+"""The destination protocol (from :mod:`walex.routing`), its error, name templates,
+optional imports."""
 
 from __future__ import annotations
 
 import importlib
 import string
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Any
 
 from ..errors import ConfigurationError, DestinationError
 from ..events import Event
+from ..routing import Destination
 from ..wire import encode_value
 
 __all__ = ["EXTRAS", "Destination", "DestinationError", "Template", "require"]
-
-
-@runtime_checkable
-class Destination(Protocol):
-    """What walex delivers events to.
-
-    Attributes:
-        name: a short name for logs and errors (``"nats"``, ``"audit-webhook"``).
-    """
-
-    name: str
-
-    async def start(self) -> None:
-        """Connect. Called once before the first :meth:`send`."""
-
-    async def send(self, events: Sequence[Event]) -> None:
-        """Deliver *events*, in order; return once the receiver durably has them.
-
-        Raises:
-            DestinationError: with ``retryable`` telling whether to try again.
-                Any other exception counts as retryable.
-        """
-
-    async def close(self) -> None:
-        """Disconnect. Called once, also after a failed :meth:`start`."""
 
 
 # -- optional client libraries --------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -111,9 +112,9 @@ class JetStream:
 
     async def start(self) -> None:
         """Connect, and create the stream if asked to."""
-        import nats
         import nats.errors
         import nats.js.errors
+        from nats.aio.client import Client
 
         if self._nc is not None and self._nc.is_connected:
             return
@@ -122,21 +123,43 @@ class JetStream:
         async def quiet(*_: Any) -> None:
             pass  # walex reports the failures it acts on; the client's are noise
 
+        failures: list[Exception] = []
+
+        async def remember(exc: Exception) -> None:
+            # What went wrong with a server (refused, unknown host): the
+            # client's final NoServersError alone does not say.
+            if not isinstance(exc, nats.errors.NoServersError):
+                failures[:] = [exc]
+
+        nc = Client()
         try:
-            nc = await nats.connect(
-                self.servers,
-                allow_reconnect=False,
-                connect_timeout=self.timeout,
-                max_reconnect_attempts=0,
-                user_credentials=self.credentials,
-                error_cb=quiet,
-                disconnected_cb=quiet,
-                closed_cb=quiet,
-            )
+            # nats-py keeps knocking at an unreachable server however
+            # allow_reconnect is set (max_reconnect_attempts=0 means no limit
+            # there), so one try per server, bounded by our own timeout: the
+            # retry policy decides when to knock again, and logs each try.
+            async with asyncio.timeout(self.timeout):
+                await nc.connect(
+                    self.servers,
+                    allow_reconnect=False,
+                    connect_timeout=math.ceil(self.timeout),  # ours bounds it to the second
+                    max_reconnect_attempts=1,
+                    reconnect_time_wait=0,
+                    user_credentials=self.credentials,
+                    error_cb=remember,
+                    disconnected_cb=quiet,
+                    closed_cb=quiet,
+                )
         except (TimeoutError, OSError, nats.errors.Error) as exc:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            cause: BaseException = failures[-1] if failures else exc
+            why = (
+                f"no answer within {self.timeout}s"
+                if cause is exc and isinstance(exc, TimeoutError)
+                else f"{type(cause).__name__}: {cause}"
+            )
             raise DestinationError(
-                f"cannot connect to {', '.join(self.servers)}: {type(exc).__name__}: {exc}",
-                destination=self.name,
+                f"cannot connect to {', '.join(self.servers)}: {why}", destination=self.name
             ) from exc
         self._nc = nc
         self._js = nc.jetstream(timeout=self.timeout)
