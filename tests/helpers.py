@@ -6,6 +6,7 @@ classes that several test modules call live here.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import queue
 import signal
@@ -13,13 +14,25 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import IO
+from typing import IO, Any
 
 import pytest
 
-__all__ = ["Proc", "wait_for", "walex_proc"]
+from tests.fix_pg import Database
+from walex import WalEx
+from walex.lsn import LSN
+
+__all__ = [
+    "Proc",
+    "confirmed_flush",
+    "make_app",
+    "seed_tables",
+    "until",
+    "wait_for",
+    "walex_proc",
+]
 
 
 class Proc:
@@ -102,3 +115,46 @@ def wait_for(proc: Proc, text: str, stream: str = "stderr", timeout: float = 30)
         line = proc.read_line(stream, timeout=max(0.1, deadline - time.monotonic()))
         if text in line:
             return line
+
+
+# -- apps against a test database ------------------------------------------------
+
+
+async def until(predicate: Callable[[], bool], within: float = 15.0, what: str = "it") -> None:
+    """Wait (without blocking the loop) until *predicate* holds; fail after *within* s."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def confirmed_flush(db: Database, slot: str) -> LSN:
+    rows = db.fetch(
+        "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+        (slot,),
+    )
+    return LSN.parse(rows[0][0])
+
+
+def seed_tables(db: Database, identity: str = "FULL") -> str:
+    """The seed README's tables and a publication for them; returns the publication."""
+    pub = db.unique("events")
+    db.execute(
+        "CREATE TABLE user_account (id int PRIMARY KEY, email text, name text,"
+        " updated_at timestamptz DEFAULT now())"
+    )
+    db.execute(
+        "CREATE TABLE todo (id int PRIMARY KEY, title text, status text DEFAULT 'open',"
+        " updated_at timestamptz DEFAULT now())"
+    )
+    db.execute(f"ALTER TABLE user_account REPLICA IDENTITY {identity}")
+    db.execute(f"ALTER TABLE todo REPLICA IDENTITY {identity}")
+    db.execute(f"CREATE PUBLICATION {pub} FOR TABLE user_account, todo")
+    return pub
+
+
+def make_app(db: Database, pub: str, **kw: Any) -> WalEx:
+    kw.setdefault("name", db.unique("app"))
+    kw.setdefault("retry_delay", 0.01)
+    return WalEx(url=db.dsn, publication=pub, **kw)

@@ -16,50 +16,11 @@ import pytest
 
 import walex
 from tests.fix_pg import Database
+from tests.helpers import confirmed_flush, make_app, seed_tables, until
 from walex import Event, WalEx
 from walex.app import DeadLetter, serve
 from walex.errors import ConfigurationError, HandlerError, PublicationNotFound
 from walex.lsn import LSN
-
-
-async def until(predicate: Callable[[], bool], within: float = 15.0, what: str = "it") -> None:
-    """Wait (without blocking the loop) until *predicate* holds; fail after *within* s."""
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-def confirmed_flush(db: Database, slot: str) -> LSN:
-    rows = db.fetch(
-        "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
-        (slot,),
-    )
-    return LSN.parse(rows[0][0])
-
-
-def seed_tables(db: Database, identity: str = "FULL") -> str:
-    """The seed README's tables and a publication for them; returns the publication."""
-    pub = db.unique("events")
-    db.execute(
-        "CREATE TABLE user_account (id int PRIMARY KEY, email text, name text,"
-        " updated_at timestamptz DEFAULT now())"
-    )
-    db.execute(
-        "CREATE TABLE todo (id int PRIMARY KEY, title text, status text DEFAULT 'open',"
-        " updated_at timestamptz DEFAULT now())"
-    )
-    db.execute(f"ALTER TABLE user_account REPLICA IDENTITY {identity}")
-    db.execute(f"ALTER TABLE todo REPLICA IDENTITY {identity}")
-    db.execute(f"CREATE PUBLICATION {pub} FOR TABLE user_account, todo")
-    return pub
-
-
-def make_app(db: Database, pub: str, **kw: Any) -> WalEx:
-    kw.setdefault("name", db.unique("app"))
-    kw.setdefault("retry_delay", 0.01)
-    return WalEx(url=db.dsn, publication=pub, **kw)
 
 
 def ids(events: Sequence[Event]) -> list[Any]:

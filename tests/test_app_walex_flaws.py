@@ -21,7 +21,7 @@ from psycopg.types.multirange import Multirange
 from psycopg.types.range import Range
 
 from tests.fix_pg import Database
-from tests.test_app import confirmed_flush, make_app, until
+from tests.helpers import confirmed_flush, make_app, until
 from walex import Event, WalEx
 from walex.errors import HandlerError, SlotLost
 from walex.lsn import LSN

@@ -281,7 +281,7 @@ async def test_destination_tables_in_a_file_take_shell_patterns(tmp_path: Path) 
 async def test_a_configured_app_runs_against_postgres(
     db: Database, tmp_path: Path, handlers_module: str
 ) -> None:
-    from tests.test_app import seed_tables, until
+    from tests.helpers import seed_tables, until
 
     pub = seed_tables(db)
     path = write(

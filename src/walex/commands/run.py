@@ -22,9 +22,10 @@ import os
 import sys
 from typing import Any
 
-from ..app import WalEx, serve
+from ..app import WalEx
 from ..config import import_object
 from ..errors import ConfigurationError
+from ..serve import serve
 
 __all__ = ["register"]
 

@@ -32,7 +32,7 @@ from walex.destinations.file import JsonLines
 from walex.errors import ConfigurationError
 from walex.events import Event
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FAST = RetryPolicy(initial=0.01, maximum=0.02)
 
 

@@ -37,7 +37,7 @@ from tests.fix_services import (
 from walex.destinations import Deliverer, DestinationError, RetryPolicy, Route, from_config
 from walex.lsn import LSN
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BROKERS = ["redis", "nats", "rabbitmq", "mqtt"]
 
 

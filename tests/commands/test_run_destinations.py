@@ -19,7 +19,7 @@ from tests.fix_pg import Database
 from tests.fix_services import sink
 from walex.destinations import Destination, from_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "destinations" / "walex.toml"
 APP_KEYS = {"tables", "types", "on_error", "retries"}
 

@@ -16,11 +16,11 @@ import pytest
 
 import walex
 from tests.fix_pg import Database
-from tests.test_app import confirmed_flush, seed_tables
+from tests.helpers import confirmed_flush, seed_tables
 from walex.cli import main
 from walex.lsn import LSN
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def wait_for(check: Callable[[], bool], what: str, within: float = 30.0) -> None:
@@ -137,7 +137,7 @@ def test_run_reports_a_bad_reference(
 
 
 async def test_sigterm_stops_an_app_waiting_as_a_standby(db: Database, tmp_path: Path) -> None:
-    from tests.test_app import make_app
+    from tests.helpers import make_app
 
     pub = seed_tables(db)
     name = db.unique("standby")
@@ -209,7 +209,7 @@ class Down:
 def test_sigterm_during_a_destination_outage_stops_at_once(db: Database, tmp_path: Path) -> None:
     """retries = 100000 holds the position through an outage, yet a graceful
     stop does not wait for the next retry: it stops now, unconfirmed."""
-    from tests.test_app import make_app
+    from tests.helpers import make_app
 
     pub = seed_tables(db)
     name = db.unique("outage")
