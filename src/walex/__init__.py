@@ -1,5 +1,7 @@
 """walex: Postgres change data capture for Python.
 
+This module only gathers the public API; it holds no logic of its own.
+
 Every insert, update, delete, truncate and logical message on the tables of a
 publication, as Python values, in commit order, delivered at least once.
 

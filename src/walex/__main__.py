@@ -1,4 +1,7 @@
-"""``python -m walex``: the ``walex`` command."""
+"""``python -m walex``: the ``walex`` command.
+
+It only hands over to :func:`walex.cli.main`.
+"""
 
 import sys
 

@@ -1,5 +1,8 @@
 """The ``walex`` command.
 
+It owns parsing the command line, logging and turning errors into exit codes;
+what each command does is in :mod:`walex.commands`, on top of the public API.
+
 Each subcommand lives in its own module under :mod:`walex.commands` and
 exposes ``register(subparsers)``, which adds its parser and sets
 ``func(args) -> int`` as the parser's default. Errors are one line with the

@@ -1,5 +1,8 @@
 """Settings for a :class:`~walex.WalEx` app: keyword arguments, environment, TOML.
 
+It owns reading and checking an app's settings; it must not connect, and takes
+the engine's options from :mod:`walex.options` rather than listing them.
+
 One table of settings (:data:`SETTINGS`) serves all three sources, so a key
 means the same thing and is checked the same way wherever it comes from:
 

@@ -1,5 +1,8 @@
 """What walex hands to users: :class:`Event` (one change) and :class:`Batch`.
 
+This module owns the value types walex hands out and the one way events are
+made; it does no I/O and knows nothing of the protocol.
+
 An :class:`Event` is an immutable named tuple: cheap to make on the hot path,
 safe to share. Per-transaction facts (xid, commit LSN and time) live once in a
 :class:`Transaction` that every event of it points to, and per-table facts

@@ -1,5 +1,8 @@
 """WalEx's ``TransactionFilter`` helpers, in Python.
 
+Pure functions: no I/O, no state, nothing that routes or retries (that is
+:mod:`walex.routing`).
+
 Pure functions over :class:`~walex.Event` lists and :class:`~walex.Batch`
 objects: no I/O, usable inside handlers, in tests and on anything
 :mod:`walex.testing` builds.

@@ -1,5 +1,7 @@
 """The LSN value type: a position in the write-ahead log.
 
+A value type only: no I/O, no other walex module.
+
 Postgres prints an LSN as two hexadecimal halves, ``"16/B374D848"``. walex
 keeps it as an ``int`` subclass, so LSNs compare, sort and hash like the
 numbers they are, and print the way Postgres prints them.

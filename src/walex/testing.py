@@ -1,5 +1,8 @@
 """Test your handlers without Postgres.
 
+It owns running an app's dispatch on hand-made events; it must not open a
+stream or a connection.
+
 Build events by hand and run an app's handlers on them, exactly as the app
 runs them on a stream: the same routing, filters, shaping, ``functions``
 pipelines, retries and error policy. Nothing connects.

@@ -1,5 +1,8 @@
 """One JSON shape for an event, the same everywhere walex writes events out.
 
+It owns the encoding of events to JSON; it does no I/O and sends nothing
+anywhere.
+
 ``walex tail --format json``, the file destination and every broker
 destination write an event as :func:`to_dict` describes, encoded by
 :func:`dumps` (text) or :func:`dumpb` (UTF-8 bytes, the same document). The

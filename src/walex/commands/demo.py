@@ -1,5 +1,8 @@
 """``walex demo``: see walex work, with nothing set up.
 
+A command: it uses the public API and :mod:`walex.embedded`, and holds no
+logic a program could not reach.
+
 With no arguments the demo starts a throw-away local Postgres with
 ``wal_level = logical`` (the system's binaries, or those of the ``pgserver``
 wheel: ``pip install "walex[embedded]"``), makes the tables ``user_account``

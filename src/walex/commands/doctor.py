@@ -1,5 +1,8 @@
 """``walex doctor``: is this database ready for walex, and if not, what fixes it?
 
+A command: the checks are :func:`walex.admin.diagnose`'s; this module only
+prints them.
+
 Each check prints OK, WARN or FAIL with the SQL or setting that fixes it.
 The exit code is 0 when every check is OK, 1 when the worst is a warning and
 2 when something fails (3 when the server cannot be reached at all).

@@ -1,5 +1,8 @@
 """``walex run``: run apps until SIGINT or SIGTERM.
 
+A command: loading apps and running them (:mod:`walex.serve`); it holds no
+logic of the app itself.
+
 ::
 
     walex run myproject.events:app               # a WalEx object in a module

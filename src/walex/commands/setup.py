@@ -1,5 +1,8 @@
 """``walex setup``: create the publication, replica identity and slot walex needs.
 
+A command: the plan is :func:`walex.admin.setup_plan`'s; this module prints or
+runs it.
+
 Only what is missing is created, so running it again changes nothing.
 ``--dry-run`` prints the SQL instead of running it. Every name is quoted.
 """

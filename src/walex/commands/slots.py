@@ -1,5 +1,8 @@
 """``walex slots``: list the server's replication slots, or drop one.
 
+A command: the slots are :mod:`walex.admin`'s; this module prints them or
+drops one.
+
 A slot keeps WAL on the server until its consumer confirms it, so a slot
 nobody reads any more fills the disk. ``drop`` refuses a slot that a
 process streams from.

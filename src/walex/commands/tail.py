@@ -1,5 +1,8 @@
 """``walex tail``: stream a database's changes to the terminal or to a pipe.
 
+A command on top of :func:`walex.connect` and :mod:`walex.wire`; it holds no
+streaming logic of its own.
+
 With ``--format json`` each event is one line of JSON in walex's wire shape
 (:mod:`walex.wire`), so that ``walex tail ... --format json | jq`` works.
 Without ``--publication`` a publication for the given tables (or for all

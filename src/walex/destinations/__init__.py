@@ -1,5 +1,9 @@
 """Destinations: deliver changes to other systems, at least once.
 
+This package owns talking to each broker; routing, retries and error policies
+are :mod:`walex.routing`'s, and a destination must not confirm anything
+itself.
+
 A destination takes batches of events and returns only once the receiving
 system has durably accepted them. walex confirms a transaction to Postgres
 only after every destination it goes to has accepted it, so a crash, a kill

@@ -1,5 +1,8 @@
 """The destination protocol (from :mod:`walex.routing`), its error, name templates,
-optional imports."""
+optional imports.
+
+It must not talk to any broker.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """JSON lines to a file or to standard output: one event per line.
 
+It owns writing and fsyncing the file; routing and retries are
+:mod:`walex.routing`'s.
+
 Each line is the event's wire form (``docs/wire-format.md``). :meth:`send`
 returns after the lines are written to the operating system (``flush``),
 and with ``fsync=True`` after they are on disk: only then does a power cut

@@ -1,5 +1,7 @@
 """MQTT: publish each event with QoS 1 to a topic made from a template.
 
+It owns the MQTT client; routing and retries are :mod:`walex.routing`'s.
+
 QoS 1 means the broker acknowledged each message (``PUBACK``) before walex
 counts the batch as delivered. MQTT has no message ids that survive a
 resend, so after a crash or a broken connection subscribers may see an event

@@ -1,5 +1,7 @@
 """NATS JetStream: publish each event and wait for JetStream's ack.
 
+It owns the NATS client; routing and retries are :mod:`walex.routing`'s.
+
 Every message carries ``Nats-Msg-Id`` = the event's id, so JetStream's
 duplicate window (two minutes by default) drops the replays that follow a
 crash or a broken connection: consumers see each change once. The subject

@@ -1,5 +1,7 @@
 """RabbitMQ: publish each event to an exchange, with publisher confirms.
 
+It owns the AMQP client; routing and retries are :mod:`walex.routing`'s.
+
 Messages are persistent (``delivery_mode=2``), carry ``message_id`` = the
 event's id (consumers drop replays by it) and ``content_type =
 application/json``; the routing key is a template. A batch counts as

@@ -1,5 +1,7 @@
 """Redis Streams: ``XADD`` each event to a stream named by a template.
 
+It owns the Redis client; routing and retries are :mod:`walex.routing`'s.
+
 Each entry has two fields: ``id``, the event's idempotency key, and
 ``event``, its JSON (``docs/wire-format.md``). Redis has no duplicate
 detection for ``XADD``: after a crash or a broken connection walex sends the

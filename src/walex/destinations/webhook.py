@@ -1,5 +1,8 @@
 """Webhook: POST events to an HTTP endpoint, signed the Standard Webhooks way.
 
+It owns the HTTP client and the signatures; routing and retries are
+:mod:`walex.routing`'s.
+
 Each request carries the three Standard Webhooks headers
 (https://www.standardwebhooks.com):
 

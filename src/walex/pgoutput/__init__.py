@@ -1,5 +1,8 @@
 """pgoutput, the logical decoding plugin built into Postgres: bytes → messages.
 
+The decoding step of the flow: it must not do I/O, know about asyncio, or turn
+values into Python objects (that is :mod:`walex.values`).
+
 This package does no I/O. It reads protocol versions 1 to 4, text and
 binary tuple data. See :func:`decode`.
 """

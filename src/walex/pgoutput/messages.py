@@ -1,5 +1,7 @@
 """The pgoutput messages, one named tuple each.
 
+Data only: no decoding logic, no I/O.
+
 Field names follow the Postgres documentation, "Logical Replication Message
 Formats". LSNs are :class:`walex.LSN`; timestamps are the server's raw
 microseconds since 2000-01-01 (``*_ts``), turned into datetimes only where
