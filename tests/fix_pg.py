@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -22,7 +22,7 @@ from psycopg import sql
 
 from walex.embedded import EmbeddedPostgres, EmbeddedPostgresError, find_binaries
 
-__all__ = ["Database", "db", "pg_server", "requested_majors"]
+__all__ = ["Database", "clusters", "db", "pg_server", "replica_pg", "requested_majors"]
 
 _DEFAULT_MAJORS = (15, 16)
 
@@ -161,3 +161,38 @@ def db(pg_server: EmbeddedPostgres, request: pytest.FixtureRequest) -> Iterator[
         yield database
     finally:
         database.drop()
+
+
+@pytest.fixture(scope="session")
+def clusters() -> Iterator[Callable[..., EmbeddedPostgres]]:
+    """Make (once per binaries and settings) a small cluster of its own, for a test
+    that needs settings the shared clusters must not change; remove them all after."""
+    made: dict[tuple[str, tuple[tuple[str, str], ...]], EmbeddedPostgres] = {}
+
+    def get(
+        server: EmbeddedPostgres,
+        settings: dict[str, str],
+        setup: Callable[[EmbeddedPostgres], None] | None = None,
+    ) -> EmbeddedPostgres:
+        key = (str(server.binaries.bindir), tuple(sorted(settings.items())))
+        if key not in made:
+            cluster = EmbeddedPostgres(
+                server.binaries, settings={"max_connections": "30", **settings}
+            )
+            made[key] = cluster
+            cluster.start()
+            if setup is not None:
+                setup(cluster)
+        return made[key]
+
+    try:
+        yield get
+    finally:
+        for cluster in made.values():
+            cluster.cleanup()
+
+
+@pytest.fixture
+def replica_pg(pg_server: EmbeddedPostgres, clusters: Callable[..., EmbeddedPostgres]) -> Any:
+    """A cluster of the version under test with ``wal_level=replica``."""
+    return clusters(pg_server, {"wal_level": "replica"})

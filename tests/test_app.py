@@ -559,7 +559,7 @@ async def test_a_pattern_that_matches_no_published_table_is_an_error_at_start(
         await app.start()
     message = str(info.value)
     setup = shlex.join(
-        ["walex", "setup", app.settings.safe_conninfo, "--publication", pub, "--tables"]
+        ["walex", "setup", app.settings.safe_conninfo, "--publication", pub, "--table"]
     )
     assert (
         f"handler orders: table pattern 'public.order_*' matches no table of publication "

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import walex
+from walex import cli
 from walex.admin import mask_dsn
-from walex.cli import main
+from walex.cli import EXIT_CODES, main
 
 MINE = ["demo", "tail", "doctor", "setup", "slots"]
 
@@ -94,3 +98,26 @@ def test_a_malformed_url_never_prints_the_password(
     assert code != 0
     assert "s3c" not in out + err, out + err
     assert "connection" in out + err or "connect" in out + err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"walex {walex.__version__}\n"
+
+
+def test_the_exit_codes_are_documented() -> None:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    for code in EXIT_CODES:
+        assert f"| {code} |" in text, code
+
+
+def test_libraries_per_request_logs_are_quiet_unless_debug() -> None:
+    httpx = logging.getLogger("httpx")
+    before = httpx.level
+    try:
+        cli._setup_logging(debug=False)
+        assert httpx.getEffectiveLevel() == logging.WARNING
+    finally:
+        httpx.setLevel(before)

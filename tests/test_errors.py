@@ -158,40 +158,6 @@ def _add_password_rules(server: EmbeddedPostgres) -> None:
     _wait_until(applied, "pg_hba.conf is reloaded")
 
 
-@pytest.fixture(scope="module")
-def clusters() -> Iterator[Callable[..., EmbeddedPostgres]]:
-    """Make (once per binaries and settings) a small cluster; remove them all after."""
-    made: dict[tuple[str, tuple[tuple[str, str], ...]], EmbeddedPostgres] = {}
-
-    def get(
-        server: EmbeddedPostgres,
-        settings: dict[str, str],
-        setup: Callable[[EmbeddedPostgres], None] | None = None,
-    ) -> EmbeddedPostgres:
-        key = (str(server.binaries.bindir), tuple(sorted(settings.items())))
-        if key not in made:
-            cluster = EmbeddedPostgres(
-                server.binaries, settings={"max_connections": "30", **settings}
-            )
-            made[key] = cluster
-            cluster.start()
-            if setup is not None:
-                setup(cluster)
-        return made[key]
-
-    try:
-        yield get
-    finally:
-        for cluster in made.values():
-            cluster.cleanup()
-
-
-@pytest.fixture
-def replica_pg(pg_server: EmbeddedPostgres, clusters: Callable[..., EmbeddedPostgres]) -> Any:
-    """A cluster of the version under test with ``wal_level=replica``."""
-    return clusters(pg_server, {"wal_level": "replica"})
-
-
 @pytest.fixture
 def limits_pg(pg_server: EmbeddedPostgres, clusters: Callable[..., EmbeddedPostgres]) -> Any:
     """A logical cluster with 2 slots, 1MB of WAL kept for slots, and password rules."""

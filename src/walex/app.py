@@ -373,7 +373,7 @@ class WalEx:
             candidates = sorted(t for t in existing if pattern.matches(*t) and t not in published)
             what = f"- {head} matches no table of publication {pubs}"
             if candidates:
-                tables = ",".join(table_name(*t) for t in candidates)
+                tables = [table_name(*t) for t in candidates]
                 unsubscribed = [t for t in candidates if not self._dispatcher.subscribed(*t)]
                 lines.append(
                     f"{what}; add {'it' if len(candidates) == 1 else 'them'} with: "
@@ -389,13 +389,13 @@ class WalEx:
             elif pattern.exact:
                 lines.append(
                     f"{what}, and the database has no such table: create it, then add it "
-                    "with: " + _setup_command(s.safe_conninfo, pub, str(pattern))
+                    "with: " + _setup_command(s.safe_conninfo, pub, [str(pattern)])
                 )
             else:
                 lines.append(
                     f"{what}, nor any table of the database: correct the pattern, or create "
                     "the table and add it with: "
-                    + _setup_command(s.safe_conninfo, pub, "SCHEMA.TABLE")
+                    + _setup_command(s.safe_conninfo, pub, ["SCHEMA.TABLE"])
                 )
         return "\n".join(lines)
 
@@ -798,7 +798,8 @@ class WalEx:
         except BaseException as exc:
             self.error = exc
             if isinstance(exc, WalexError):
-                logger.error("%s: stopped: %s", self.name, exc)
+                # wait() and stop() raise it too: `walex` prints it, once.
+                logger.error("%s: stopped: %s", self.name, exc, extra={"walex_fatal": True})
             else:
                 logger.error("%s: stopped by an unexpected error", self.name, exc_info=exc)
             await stream.__aexit__(type(exc), exc, exc.__traceback__)
@@ -922,6 +923,7 @@ def _any_table(pattern: TablePattern) -> bool:
     return pattern.schema is None and pattern.table is None
 
 
-def _setup_command(dsn: str, publication: str, tables: str) -> str:
+def _setup_command(dsn: str, publication: str, tables: Sequence[str]) -> str:
     """The ``walex setup`` command line that adds *tables* to *publication*."""
-    return shlex.join(["walex", "setup", dsn, "--publication", publication, "--tables", tables])
+    options = [word for table in tables for word in ("--table", table)]
+    return shlex.join(["walex", "setup", dsn, "--publication", publication, *options])

@@ -5,8 +5,9 @@ what each command does is in :mod:`walex.commands`, on top of the public API.
 
 Each subcommand lives in its own module under :mod:`walex.commands` and
 exposes ``register(subparsers)``, which adds its parser and sets
-``func(args) -> int`` as the parser's default. Errors are one line with the
-fix and a non-zero exit code; ``--debug`` shows the traceback.
+``func(args) -> int`` as the parser's default. A fatal error is one line with
+the fix, printed once, and an exit code that says what kind it was
+(:data:`EXIT_CODES`); ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -17,9 +18,24 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .errors import WalexError
+from ._version import __version__
+from .errors import ConfigurationError, WalexError
 
-__all__ = ["main"]
+__all__ = ["EXIT_CODES", "main"]
+
+#: The exit codes of ``walex run``, ``tail``, ``setup`` and ``slots``
+#: (``walex doctor`` has its own: 0 OK, 1 warnings, 2 failures).
+EXIT_CODES = {
+    0: "a clean stop: everything handled was confirmed",
+    1: "a fatal error while running (the server, the slot, a handler or a destination)",
+    2: "a configuration or usage error: nothing ran",
+    3: "a forced stop (a second signal) left a transaction unconfirmed",
+    130: "interrupted before anything ran",
+}
+
+# Libraries whose INFO logs are per request (httpx logs every webhook POST):
+# quiet unless --debug.
+_CHATTY = ("httpx", "httpcore", "aio_pika", "aiormq", "nats", "asyncio")
 
 # The subcommand modules, in the order `walex --help` lists them.
 COMMANDS = [
@@ -39,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example: walex tail postgresql://postgres@localhost/app --table orders",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--version", action="version", version=f"walex {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
@@ -54,10 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    _setup_logging(args.debug)
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()
@@ -70,7 +84,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"walex: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, ConfigurationError) else getattr(exc, "exit_code", 1)
+
+
+class _NotTwice(logging.Filter):
+    """Drops the log line of an error that the command prints itself, as ``walex: ...``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "walex_fatal", False)
+
+
+def _setup_logging(debug: bool) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if not debug:
+        handler.addFilter(_NotTwice())
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler])
+    if not debug:
+        for name in _CHATTY:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -422,6 +422,12 @@ def import_object(ref: str, key: str) -> Any:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigurationError(f"{key}: cannot import module {module_name!r}: {exc}") from exc
+    except Exception as exc:
+        # The module itself failed while loading: one line, the traceback under --debug.
+        raise ConfigurationError(
+            f"{key}: importing module {module_name!r} raised {type(exc).__name__}: {exc} "
+            "(walex --debug ... shows where)"
+        ) from exc
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)

@@ -29,6 +29,7 @@ only libpq's text), with the original kept as ``__cause__``.
     │   └── ServerError                        the server answered a command with an error
     ├── HandlerError                           user code failed (the error policy gave up)
     ├── Abandoned                              a stop ended a wait to retry: not handled
+    ├── ForcedStop                             a forced stop left a transaction unconfirmed
     ├── DestinationError                       a destination could not deliver
     └── EmbeddedPostgresError                  the local throw-away Postgres failed
         └── PostgresNotFound
@@ -54,6 +55,7 @@ __all__ = [
     "DecodeError",
     "DestinationError",
     "EmbeddedPostgresError",
+    "ForcedStop",
     "HandlerError",
     "NoFreeReplicationSlots",
     "PostgresNotFound",
@@ -192,6 +194,16 @@ class Abandoned(WalexError):
     ``walex.destinations.Deliverer.handle``); the app and
     ``walex.destinations.deliver`` take it as the end of a graceful stop.
     """
+
+
+class ForcedStop(WalexError):
+    """A forced stop (a second signal) cut a transaction short: it is not confirmed.
+
+    It comes again when the app restarts. ``walex run`` exits with
+    :attr:`exit_code` (3).
+    """
+
+    exit_code = 3
 
 
 class DestinationError(WalexError):

@@ -1,7 +1,7 @@
 """Table names and table patterns: the one grammar every part of walex reads.
 
 Subscriptions, handlers, destination routes, the filter helpers, ``walex
-setup --tables`` and ``walex tail --table`` all read a table the same way:
+setup --table`` and ``walex tail --table`` all read a table the same way:
 
 - ``todo``: the table ``todo`` (in ``public`` for a pattern; through the
   search path where an existing table is looked up);
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 if TYPE_CHECKING:
     from .events import Source
 
-__all__ = ["TablePattern", "parse_pattern", "parse_table_name", "quote_name"]
+__all__ = ["TablePattern", "parse_pattern", "parse_table_name", "quote_name", "split_names"]
 
 _SCHEMA_GLOB = 1
 _TABLE_GLOB = 2
@@ -201,3 +201,20 @@ def parse_table_name(text: str) -> tuple[str | None, str]:
             raise ValueError(f"{text!r} is not a table name")
         return schema, table
     raise ValueError(f"table name {text!r} has more than one dot; quote names with dots")
+
+
+def split_names(text: str) -> list[str]:
+    """A comma-separated list of names or patterns, split on commas outside double quotes."""
+    out: list[str] = []
+    current: list[str] = []
+    quoted = False
+    for ch in text:
+        if ch == '"':
+            quoted = not quoted  # "" inside quotes toggles twice: still quoted
+        if ch == "," and not quoted:
+            out.append("".join(current).strip())
+            current = []
+        else:
+            current.append(ch)
+    out.append("".join(current).strip())
+    return [name for name in out if name]

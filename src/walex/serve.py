@@ -15,11 +15,14 @@ import logging
 import signal
 from typing import Any, Protocol
 
-from .errors import ConfigurationError, WalexError
+from .errors import ConfigurationError, ForcedStop, WalexError
 
 __all__ = ["Service", "run", "serve"]
 
 logger = logging.getLogger("walex.app")
+
+# Marks the log line of an error that is also raised: `walex` prints it once.
+_FATAL = {"walex_fatal": True}
 
 
 class Service(Protocol):
@@ -131,11 +134,12 @@ async def _live(app: Service) -> None:
     try:
         await app.start()
     except WalexError as exc:
-        logger.error("%s: could not start: %s", app.name, exc)
+        # Raised to the caller, which says it (the command prints it once).
+        logger.error("%s: could not start: %s", app.name, exc, extra=_FATAL)
         raise
     await app.wait()
     if app.forced:
-        raise WalexError(
+        raise ForcedStop(
             f"{app.name}: forced stop: the transaction being handled was not confirmed "
             "and is delivered again when the app restarts"
         )

@@ -29,7 +29,7 @@ async def test_a_missing_publication_is_quoted_in_sql_and_shell(db: Database) ->
     words = shlex.split(shell_part)
     assert words[:3] == ["walex", "setup", "DSN"]
     assert words[words.index("--publication") + 1] == HOSTILE
-    assert words[-2:] == ["--tables", "a,b"]
+    assert words[-4:] == ["--table", "a", "--table", "b"]
 
 
 async def test_a_superuser_has_the_replication_right(db: Database) -> None:

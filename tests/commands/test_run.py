@@ -115,14 +115,14 @@ def test_run_config_file_graceful_sigint_confirms_the_handled(db: Database, tmp_
 def test_run_reports_a_bad_reference(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert main(["run", "no_such_module_xyz:app"]) == 1
+    assert main(["run", "no_such_module_xyz:app"]) == 2  # configuration: EXIT_CODES
     assert "cannot import module 'no_such_module_xyz'" in capsys.readouterr().err
-    assert main(["run", "os:sep"]) == 1
+    assert main(["run", "os:sep"]) == 2
     assert "not a walex.WalEx app" in capsys.readouterr().err
-    assert main(["run"]) == 1
+    assert main(["run"]) == 2
     assert "name an app" in capsys.readouterr().err
     # A callable that needs arguments is not taken for a factory.
-    assert main(["run", "json:dumps"]) == 1
+    assert main(["run", "json:dumps"]) == 2
     assert "json:dumps needs arguments" in capsys.readouterr().err
     # A factory that fails: its error, one line, not a traceback.
     (tmp_path / "failing_factory_xyz.py").write_text(
@@ -130,7 +130,7 @@ def test_run_reports_a_bad_reference(
     )
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert main(["run", "failing_factory_xyz:create_app"]) == 1
+    assert main(["run", "failing_factory_xyz:create_app"]) == 2
     err = capsys.readouterr().err
     assert "failing_factory_xyz:create_app() raised RuntimeError: DATABASE_URL is not set" in err
     assert "Traceback" not in err
@@ -181,7 +181,7 @@ def test_a_failing_app_exits_1_with_the_error(db: Database, tmp_path: Path) -> N
         proc.kill()
     text = log.read_text()
     assert "walex: " in text
-    assert "handler exploded" in text
+    assert text.count("handler exploded") == 1, "the error is said once, not logged and printed"
     assert "not confirmed" in text
 
 
@@ -265,7 +265,7 @@ def test_sigterm_during_a_destination_outage_stops_at_once(db: Database, tmp_pat
     assert [(e.new_record or {}).get("id") for e in got] == [1]
 
 
-def test_a_forced_stop_that_leaves_work_unconfirmed_exits_1(db: Database, tmp_path: Path) -> None:
+def test_a_forced_stop_that_leaves_work_unconfirmed_exits_3(db: Database, tmp_path: Path) -> None:
     pub = seed_tables(db)
     started = tmp_path / "started.txt"
     (tmp_path / "slow_handlers.py").write_text(
@@ -292,9 +292,22 @@ def test_a_forced_stop_that_leaves_work_unconfirmed_exits_1(db: Database, tmp_pa
         proc.send_signal(signal.SIGINT)
         wait_for(lambda: "stopping gracefully" in log.read_text(), "the first signal")
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 1, log.read_text()
+        assert proc.wait(timeout=30) == 3, log.read_text()  # a forced stop: EXIT_CODES
     finally:
         proc.kill()
     text = log.read_text()
     assert "forced stop: the transaction being handled was not confirmed" in text
     assert "Traceback" not in text
+
+
+def test_a_module_that_raises_at_import_is_one_line_with_exit_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "broken_at_import_xyz.py").write_text("x = 1 / 0\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["run", "broken_at_import_xyz:app"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "importing module 'broken_at_import_xyz' raised ZeroDivisionError" in err
+    assert "Traceback" not in err

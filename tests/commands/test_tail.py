@@ -136,7 +136,7 @@ def test_table_names_in_the_grammar_with_an_existing_publication(db: Database) -
 
 
 def test_errors_are_one_line_with_the_fix(db: Database, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["tail", db.dsn, "--table", "nope"]) == 1
+    assert main(["tail", db.dsn, "--table", "nope"]) == 2  # configuration
     err = capsys.readouterr().err
     assert err.startswith("walex: table 'nope' does not exist")
     assert err.count("\n") == 1
@@ -161,7 +161,7 @@ def test_without_superuser_all_tables_is_refused_with_the_way_out(
     finally:
         db.execute(f"DROP ROLE {role}")
     # A durable slot needs a publication that outlives the run.
-    assert main(["tail", db.dsn, "--slot", "kept", "--table", "t"]) == 1
+    assert main(["tail", db.dsn, "--slot", "kept", "--table", "t"]) == 2
     assert "--slot needs --publication" in capsys.readouterr().err
     assert db.fetch("SELECT pubname FROM pg_publication") == []
 

@@ -20,7 +20,7 @@ from ..errors import mask_dsn
 from .connect import connect_sql, connection_error
 from .doctor import DEFAULT_LAG_WARN_BYTES, Check, CheckStatus, diagnose, format_bytes, worst
 from .preflight import ServerFacts, preflight
-from .setup import TableRef, find_tables, publication_tables, setup_plan
+from .setup import TableRef, find_tables, publication_tables, setup_plan, setup_problems
 from .slots import SLOT_NAME, SlotStatus, drop_slot, list_slots, slot_info
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "preflight",
     "publication_tables",
     "setup_plan",
+    "setup_problems",
     "slot_info",
     "worst",
 ]

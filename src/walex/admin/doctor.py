@@ -204,7 +204,7 @@ async def diagnose(
                     "publications",
                     "warn",
                     f"database {database!r} has no publication",
-                    "walex setup DSN --publication NAME --tables a,b",
+                    "walex setup DSN --publication NAME --table a --table b",
                 )
             )
 
@@ -220,7 +220,7 @@ async def _check_publication(
     if existing is None:
         fix = sql.SQL("CREATE PUBLICATION {} FOR TABLE ...;").format(sql.Identifier(publication))
         # The shell reads the command as the server reads the SQL: quoted.
-        setup = f"walex setup DSN --publication {shlex.quote(publication)} --tables a,b"
+        setup = f"walex setup DSN --publication {shlex.quote(publication)} --table a --table b"
         return [
             Check(
                 name,

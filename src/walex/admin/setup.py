@@ -24,6 +24,7 @@ __all__ = [
     "find_tables",
     "publication_tables",
     "setup_plan",
+    "setup_problems",
 ]
 
 
@@ -172,3 +173,93 @@ async def setup_plan(
             )
         )
     return plan
+
+
+async def setup_problems(
+    conn: psycopg.AsyncConnection[Any],
+    *,
+    publication: str,
+    tables: Sequence[str],
+    replica_identity: Literal["full", "default"] | None = None,
+    slot: str | None = None,
+) -> list[str]:
+    """What would make :func:`setup_plan`'s statements fail, found before any runs.
+
+    ``walex setup`` checks these first and changes nothing when there is one,
+    so that a failure halfway (the slot, after the publication was made)
+    cannot leave half a set-up behind.
+
+    Returns:
+        One sentence per problem, with what fixes it; empty when the plan can run.
+    """
+    refs = await find_tables(conn, tables)
+    cur = await conn.execute(
+        """
+        SELECT current_setting('wal_level'), current_user,
+               (SELECT rolsuper FROM pg_roles WHERE rolname = current_user),
+               (SELECT rolreplication FROM pg_roles WHERE rolname = current_user),
+               has_database_privilege(current_user, current_database(), 'CREATE'),
+               current_setting('max_replication_slots')::int,
+               (SELECT count(*) FROM pg_replication_slots)::int,
+               (SELECT pg_has_role(current_user, pubowner, 'USAGE')
+                  FROM pg_publication WHERE pubname = %s)
+        """,
+        (publication,),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    wal_level, user, superuser, replication, may_create, max_slots, used, owns_pub = row
+    who = sql.Identifier(user).as_string(conn)
+    problems: list[str] = []
+    existing = await publication_tables(conn, publication)
+    if existing is None and not refs and not superuser:
+        problems.append("a publication FOR ALL TABLES needs a superuser; name the tables (--table)")
+    elif existing is None and not (may_create or superuser):
+        problems.append(
+            f"the role {user!r} may not create a publication in this database; "
+            f"GRANT CREATE ON DATABASE ... TO {who};"
+        )
+    if existing is not None and not existing[0] and not (owns_pub or superuser):
+        members = existing[1]
+        if any((r.schema, r.name) not in members for r in refs):
+            problems.append(
+                f"the role {user!r} does not own publication {publication!r}, so it cannot "
+                "add tables to it; run walex setup as its owner"
+            )
+    needs_owner = [
+        r
+        for r in refs
+        if existing is None
+        or (replica_identity is not None and r.replica_identity != replica_identity)
+        or (not existing[0] and (r.schema, r.name) not in existing[1])
+    ]
+    if needs_owner and not superuser:
+        cur = await conn.execute(
+            "SELECT c.oid::int8 FROM pg_class c WHERE c.oid = ANY(%s) "
+            "AND NOT pg_has_role(current_user, c.relowner, 'USAGE')",
+            ([r.oid for r in needs_owner],),
+        )
+        foreign = {r[0] for r in await cur.fetchall()}
+        names = ", ".join(r.qualified for r in needs_owner if r.oid in foreign)
+        if names:
+            problems.append(
+                f"the role {user!r} does not own {names}: publishing a table or changing "
+                "its replica identity needs its owner (or a superuser)"
+            )
+    if slot is not None and await slot_info(conn, slot) is None:
+        if wal_level != "logical":
+            problems.append(
+                f"wal_level is {wal_level!r}, and a logical slot needs 'logical': run "
+                "ALTER SYSTEM SET wal_level = 'logical'; then restart Postgres"
+            )
+        if not (replication or superuser):
+            problems.append(
+                f"the role {user!r} may not create a replication slot; run "
+                f"ALTER ROLE {who} WITH REPLICATION; (as a superuser)"
+            )
+        if used >= max_slots:
+            problems.append(
+                f"all {max_slots} replication slots are in use; drop unused ones "
+                "(walex slots DSN) or raise max_replication_slots and restart Postgres"
+            )
+    return problems

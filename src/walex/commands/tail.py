@@ -369,7 +369,7 @@ async def _tail(args: argparse.Namespace) -> int:
         # durable slot cannot decode a publication created after its position.
         raise ConfigurationError(
             "--slot needs --publication: a durable slot needs a publication that outlives "
-            "this run; create one with walex setup DSN --publication NAME --tables ..."
+            "this run; create one with walex setup DSN --publication NAME --table ..."
         )
     async with contextlib.AsyncExitStack() as stack:
         publication = args.publication
