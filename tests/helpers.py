@@ -25,6 +25,8 @@ from walex import WalEx
 from walex.lsn import LSN
 
 __all__ = [
+    "HOSTILE",
+    "SECRET_PIECES",
     "Proc",
     "confirmed_flush",
     "make_app",
@@ -158,3 +160,23 @@ def make_app(db: Database, pub: str, **kw: Any) -> WalEx:
     kw.setdefault("name", db.unique("app"))
     kw.setdefault("retry_delay", 0.01)
     return WalEx(url=db.dsn, publication=pub, **kw)
+
+
+# -- connection strings that must never show their password ---------------------
+
+# Connection strings libpq cannot read, or that fail, each with a password
+# holding "s3cret"; the second item is the start of walex's message.
+HOSTILE = [
+    ("postgresql://app:50%off-s3cret@127.0.0.1:1/app", "invalid connection string: invalid pe"),
+    ("postgresql://app:s3cret@[127.0.0.1/app", "invalid connection string: end of string"),
+    ('postgresql://app:s3cret"q@[::1/app', "invalid connection string: end of string"),
+    ("postgresql://app:%zzs3cret@127.0.0.1:1/app", "invalid connection string: invalid pe"),
+    ("postgresql://app:s3cret€%@127.0.0.1:1/app", "invalid connection string: invalid pe"),
+    ("postgresql://app:p@s3cret:x@127.0.0.1:1/app", "could not connect to the server"),
+    ("postgresql://app@127.0.0.1:1/app?password=s3cret%zz", "invalid connection string: invalid"),
+    ("host=127.0.0.1 port=1 password=s3cret%zz foo=bar", "invalid connection string: invalid c"),
+    ("postgresql://app:s3cret@127.0.0.1:1/app", "could not connect to the server"),
+    ("host=127.0.0.1 port=1 password='s3 cret' user=app", "could not connect to the server"),
+]
+# Every piece of "s3cret" that a message might show.
+SECRET_PIECES = ("s3c", "cret", "3cr")

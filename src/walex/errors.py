@@ -37,10 +37,13 @@ only libpq's text), with the original kept as ``__cause__``.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
+
+from psycopg.conninfo import conninfo_to_dict
 
 from .lsn import LSN
 
@@ -427,15 +430,26 @@ def translate(exc: ServerError, *, slot: str | None = None) -> WalexError:
     return cls(f"{what}; {fix}")
 
 
-def connection_failure(message: str) -> ConnectionFailed:
+def connection_failure(message: str, dsn: str | None = None) -> ConnectionFailed:
     """The walex error for libpq's message about a failed connection.
 
     Shared by the SQL and the replication connections, so that one cause
-    reads the same on both. The message is scrubbed of passwords.
+    reads the same on both. The message is scrubbed of passwords (of *dsn*
+    too, when given), and says so when *dsn* named no server and libpq
+    tried its defaults.
     """
     # libpq's messages span lines ("\n\tIs the server running..."): one line reads
     # better in a log and on a terminal.
-    msg = scrub(" ".join(message.split()))
+    error = _connection_failure(scrub(" ".join(message.split()), dsn))
+    if dsn is not None and _no_server_named(dsn):
+        error.args = (
+            f"{error} (no server was named: no host in the connection string, no PGHOST "
+            "or PGSERVICE, so libpq tried its default, the local Unix socket)",
+        )
+    return error
+
+
+def _connection_failure(msg: str) -> ConnectionFailed:
     low = msg.lower()
     if "authentication failed" in low:
         return AuthenticationFailed(
@@ -466,4 +480,15 @@ def connection_failure(message: str) -> ConnectionFailed:
         return ConnectionFailed(f"{msg}; raise max_wal_senders and restart Postgres")
     return ConnectionFailed(
         f"could not connect to the server ({msg}); check the host, port and that it is running"
+    )
+
+
+def _no_server_named(dsn: str) -> bool:
+    try:
+        params = conninfo_to_dict(dsn)
+    except Exception:
+        return False
+    named = ("host", "hostaddr", "service")
+    return not any(params.get(k) for k in named) and not (
+        os.environ.get("PGHOST") or os.environ.get("PGHOSTADDR") or os.environ.get("PGSERVICE")
     )

@@ -5,23 +5,9 @@ from __future__ import annotations
 import pytest
 
 from tests.fix_pg import Database
+from tests.helpers import HOSTILE
 from walex.admin import connect_sql, connection_error
 from walex.errors import AuthenticationFailed, ConnectionFailed
-
-# Connection strings libpq cannot read, or that fail, each with a password
-# holding "s3cret"; the second item is the start of walex's message.
-HOSTILE = [
-    ("postgresql://app:50%off-s3cret@127.0.0.1:1/app", "invalid connection string: invalid pe"),
-    ("postgresql://app:s3cret@[127.0.0.1/app", "invalid connection string: end of string"),
-    ('postgresql://app:s3cret"q@[::1/app', "invalid connection string: end of string"),
-    ("postgresql://app:%zzs3cret@127.0.0.1:1/app", "invalid connection string: invalid pe"),
-    ("postgresql://app:s3cret€%@127.0.0.1:1/app", "invalid connection string: invalid pe"),
-    ("postgresql://app:p@s3cret:x@127.0.0.1:1/app", "could not connect to the server"),
-    ("postgresql://app@127.0.0.1:1/app?password=s3cret%zz", "invalid connection string: invalid"),
-    ("host=127.0.0.1 port=1 password=s3cret%zz foo=bar", "invalid connection string: invalid c"),
-    ("postgresql://app:s3cret@127.0.0.1:1/app", "could not connect to the server"),
-    ("host=127.0.0.1 port=1 password='s3 cret' user=app", "could not connect to the server"),
-]
 
 
 @pytest.mark.parametrize(("dsn", "says"), HOSTILE)
@@ -65,3 +51,30 @@ def test_connection_error_masks_the_dsn_it_is_given() -> None:
     )
     assert "w0rd" not in str(error)
     assert isinstance(error, ConnectionFailed)
+
+
+async def test_tcp_keepalives_unless_the_connection_string_sets_them(db: Database) -> None:
+    conn = await connect_sql(db.dsn)
+    try:
+        assert "keepalives_idle=30" in conn.info.dsn
+    finally:
+        await conn.close()
+    conn = await connect_sql(f"{db.dsn} keepalives_idle=7")
+    try:
+        assert "keepalives_idle=7" in conn.info.dsn
+        assert "keepalives_idle=30" not in conn.info.dsn
+    finally:
+        await conn.close()
+
+
+async def test_no_server_named_says_libpq_tried_its_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for var in ("PGHOST", "PGHOSTADDR", "PGSERVICE", "PGPORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ConnectionFailed) as info:
+        await connect_sql("port=1 dbname=app", connect_timeout=2)
+    assert "no server was named" in str(info.value)
+    with pytest.raises(ConnectionFailed) as info:
+        await connect_sql("host=127.0.0.1 port=1 dbname=app", connect_timeout=2)
+    assert "no server was named" not in str(info.value)

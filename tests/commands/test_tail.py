@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import time
 
 import psycopg
@@ -182,3 +183,18 @@ def test_publication_is_dropped_even_if_its_connection_was_cut(db: Database) -> 
         assert json.loads(line)["new_record"] == {"id": 1}, proc.rest("stderr")
         assert proc.stop() == 0
     assert db.fetch("SELECT pubname FROM pg_publication") == []
+
+
+def test_a_table_outside_the_publication_is_refused_with_the_fix(
+    db: Database, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+    db.execute("CREATE TABLE product (id int PRIMARY KEY)")
+    pub = db.unique("events")
+    db.execute(f"CREATE PUBLICATION {pub} FOR TABLE orders")
+    assert main(["tail", db.dsn, "-p", pub, "--table", "product"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"walex: public.product is not in publication '{pub}'"), err
+    fix = shlex.join(["walex", "setup", db.dsn, "--publication", pub, "--table", "public.product"])
+    assert fix in err
+    assert err.count("\n") == 1

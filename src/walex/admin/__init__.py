@@ -17,7 +17,7 @@ the commands.
 from __future__ import annotations
 
 from ..errors import mask_dsn
-from .connect import connect_sql, connection_error
+from .connect import KEEPALIVES, connect_sql, connection_error
 from .doctor import DEFAULT_LAG_WARN_BYTES, Check, CheckStatus, diagnose, format_bytes, worst
 from .preflight import ServerFacts, preflight
 from .setup import TableRef, find_tables, publication_tables, setup_plan, setup_problems
@@ -25,6 +25,7 @@ from .slots import SLOT_NAME, SlotStatus, drop_slot, list_slots, slot_info
 
 __all__ = [
     "DEFAULT_LAG_WARN_BYTES",
+    "KEEPALIVES",
     "SLOT_NAME",
     "Check",
     "CheckStatus",

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import secrets
+import shlex
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -29,9 +30,10 @@ import psycopg
 from psycopg import sql
 
 from .. import wire
-from ..admin import TableRef, connect_sql, find_tables, mask_dsn
+from ..admin import TableRef, connect_sql, find_tables, mask_dsn, publication_tables
 from ..errors import ConfigurationError, ServerNotReady, WalexError
 from ..events import Batch, Event
+from ..names import quote_name
 from ..stream import Stream, connect
 
 __all__ = [
@@ -329,6 +331,29 @@ def stop_on_signals() -> asyncio.Event:
     return stop
 
 
+async def _check_published(
+    conn: psycopg.AsyncConnection[Any], dsn: str, publication: str, refs: Sequence[TableRef]
+) -> None:
+    """Raise when a table asked for is not in the publication (it would show nothing)."""
+    existing = await publication_tables(conn, publication)
+    if existing is None or existing[0]:
+        return  # a missing publication is the stream's error to report; ALL TABLES has all
+    missing = [r for r in refs if (r.schema, r.name) not in existing[1]]
+    if missing:
+        names = ", ".join(r.qualified for r in missing)
+        options = [word for r in missing for word in ("--table", _name(r))]
+        fix = shlex.join(["walex", "setup", mask_dsn(dsn), "--publication", publication, *options])
+        raise ConfigurationError(
+            f"{names} {'is' if len(missing) == 1 else 'are'} not in publication "
+            f"{publication!r}, so nothing of {'it' if len(missing) == 1 else 'them'} would "
+            f"show; add {'it' if len(missing) == 1 else 'them'}: {fix}"
+        )
+
+
+def _name(ref: TableRef) -> str:
+    return f"{quote_name(ref.schema)}.{quote_name(ref.name)}"
+
+
 def _matcher(tables: Sequence[TableRef]) -> Callable[[Event], bool]:
     """Whether an event belongs to one of *tables* (messages always do; none: every event)."""
     if not tables:
@@ -369,7 +394,7 @@ async def _tail(args: argparse.Namespace) -> int:
         # durable slot cannot decode a publication created after its position.
         raise ConfigurationError(
             "--slot needs --publication: a durable slot needs a publication that outlives "
-            "this run; create one with walex setup DSN --publication NAME --table ..."
+            "this run; create one with walex setup DSN --publication NAME --table TABLE"
         )
     async with contextlib.AsyncExitStack() as stack:
         publication = args.publication
@@ -378,10 +403,13 @@ async def _tail(args: argparse.Namespace) -> int:
                 temporary_publication(args.dsn, args.table)
             )
         elif args.table:
-            # Fail early on a typo instead of waiting forever for changes.
+            # Fail early on a typo, or a table the publication does not carry,
+            # instead of waiting forever for changes.
             conn = await connect_sql(args.dsn, application_name="walex-tail")
             try:
-                keep = _matcher(await find_tables(conn, args.table))
+                refs = await find_tables(conn, args.table)
+                await _check_published(conn, args.dsn, publication, refs)
+                keep = _matcher(refs)
             finally:
                 await conn.close()
         stream = connect(

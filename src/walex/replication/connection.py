@@ -20,10 +20,11 @@ from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq.abc import PGconn, PGresult
 
-from ..errors import ConnectionFailed, ServerError, StreamError, connection_failure, scrub
+from ..admin import KEEPALIVES
+from ..errors import ConnectionFailed, ServerError, StreamError, connection_failure
 from .framing import status_update
 
-__all__ = ["KEEPALIVES", "ReplicationConnection", "replication_conninfo", "with_keepalives"]
+__all__ = ["ReplicationConnection", "replication_conninfo", "with_keepalives"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,17 +34,6 @@ _SESSION_OPTIONS = (
     "-c datestyle=ISO,YMD -c intervalstyle=postgres -c timezone=UTC "
     "-c extra_float_digits=3 -c bytea_output=hex"
 )
-
-
-#: TCP keepalives on walex's connections unless the connection string sets
-#: its own: a link that died without a FIN or RST is noticed within about a
-#: minute even while nothing is sent (libpq ignores them on Unix sockets).
-KEEPALIVES = {
-    "keepalives": "1",
-    "keepalives_idle": "30",
-    "keepalives_interval": "10",
-    "keepalives_count": "3",
-}
 
 
 def with_keepalives(params: dict[str, Any]) -> dict[str, Any]:
@@ -277,7 +267,7 @@ def _log_task_error(task: asyncio.Task[None]) -> None:
 
 
 def _connect_error(pgconn: PGconn, conninfo: str) -> ConnectionFailed:
-    return connection_failure(scrub(pgconn.get_error_message(), conninfo))
+    return connection_failure(pgconn.get_error_message(), conninfo)
 
 
 async def _wait_fd(loop: asyncio.AbstractEventLoop, fd: int, write: bool = False) -> None:
