@@ -8,8 +8,13 @@ import subprocess
 import sys
 import time
 
-from tests.fix_pg import Database
+import psycopg
+import pytest
+
+from tests.fix_pg import Database, unique_name
 from tests.helpers import wait_for, walex_proc
+from walex.cli import main
+from walex.embedded import EmbeddedPostgres
 
 # What each scripted step prints, in order: the head line of each event.
 EVENTS = [
@@ -81,3 +86,22 @@ def test_demo_on_your_database_then_follow(db: Database) -> None:
     while db.fetch("SELECT 1 FROM pg_replication_slots WHERE database = %s", [db.name]):
         assert time.monotonic() < deadline, "the demo's temporary slot outlived it"
         time.sleep(0.05)
+
+
+def test_demo_on_a_server_that_cannot_stream_changes_nothing(
+    replica_pg: EmbeddedPostgres, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = unique_name("demo_replica")
+    dsn = replica_pg.create_database(name)
+    try:
+        assert main(["demo", "--dsn", dsn]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("walex: wal_level is 'replica'"), err
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            schemas = conn.execute(
+                "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'walex_demo%'"
+            ).fetchone()
+            assert schemas == (0,)
+            assert conn.execute("SELECT count(*) FROM pg_publication").fetchone() == (0,)
+    finally:
+        replica_pg.drop_database(name)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from ..errors import mask_dsn
 from .connect import KEEPALIVES, connect_sql, connection_error
 from .doctor import DEFAULT_LAG_WARN_BYTES, Check, CheckStatus, diagnose, format_bytes, worst
-from .preflight import ServerFacts, preflight
+from .preflight import ServerFacts, check_server, preflight
 from .setup import TableRef, find_tables, publication_tables, setup_plan, setup_problems
 from .slots import SLOT_NAME, SlotStatus, drop_slot, list_slots, slot_info
 
@@ -32,6 +32,7 @@ __all__ = [
     "ServerFacts",
     "SlotStatus",
     "TableRef",
+    "check_server",
     "connect_sql",
     "connection_error",
     "diagnose",

@@ -24,7 +24,7 @@ from ..errors import (
 )
 from .slots import SlotStatus, slot_info
 
-__all__ = ["ServerFacts", "preflight"]
+__all__ = ["ServerFacts", "check_server", "preflight"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,29 +70,8 @@ async def preflight(
                 f"{version // 10000}. Leave the option out."
             )
 
-    cur = await conn.execute(
-        """
-        SELECT current_setting('wal_level'), current_database(),
-               (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user),
-               current_user,
-               current_setting('max_replication_slots')::int,
-               (SELECT count(*) FROM pg_replication_slots)
-        """
-    )
-    row = await cur.fetchone()
-    assert row is not None
-    wal_level, database, can_replicate, user, max_slots, used_slots = row
-    if wal_level != "logical":
-        raise WalLevelNotLogical(
-            f"wal_level is {wal_level!r}; logical replication needs 'logical'. Run "
-            "ALTER SYSTEM SET wal_level = 'logical'; then restart Postgres "
-            "(on managed services set it in the parameter group, e.g. rds.logical_replication = 1)"
-        )
-    if not can_replicate:
-        grant = _sql(conn, "ALTER ROLE {} WITH REPLICATION;", sql.Identifier(user))
-        raise ReplicationNotPermitted(
-            f"the role {user!r} may not stream changes; run {grant} (as a superuser)"
-        )
+    server = await check_server(conn)
+    database, max_slots, used_slots = server.database, server.max_slots, server.used_slots
     cur = await conn.execute(
         "SELECT pubname::text FROM pg_publication WHERE pubname = ANY(%s)", (publications,)
     )
@@ -138,11 +117,59 @@ async def preflight(
             f"({create}) or let walex create it"
         )
     if info is None and used_slots >= max_slots:
-        raise NoFreeReplicationSlots(
-            f"all {max_slots} replication slots are in use; drop unused ones "
-            "(see pg_replication_slots) or raise max_replication_slots and restart Postgres"
-        )
+        raise _no_free_slots(max_slots)
     return ServerFacts(version_num=version, database=database, slot=info)
+
+
+@dataclass(frozen=True, slots=True)
+class _Server:
+    database: str
+    max_slots: int
+    used_slots: int
+
+
+async def check_server(conn: psycopg.AsyncConnection[Any], *, slot_needed: bool = False) -> _Server:
+    """Check what any stream needs of the server: ``wal_level`` and the REPLICATION right.
+
+    ``walex demo`` asks this before it makes anything, with *slot_needed*
+    (a free slot for its temporary one).
+
+    Raises:
+        WalLevelNotLogical, ReplicationNotPermitted, NoFreeReplicationSlots.
+    """
+    cur = await conn.execute(
+        """
+        SELECT current_setting('wal_level'), current_database(),
+               (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user),
+               current_user,
+               current_setting('max_replication_slots')::int,
+               (SELECT count(*) FROM pg_replication_slots)
+        """
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    wal_level, database, can_replicate, user, max_slots, used_slots = row
+    if wal_level != "logical":
+        raise WalLevelNotLogical(
+            f"wal_level is {wal_level!r}; logical replication needs 'logical'. Run "
+            "ALTER SYSTEM SET wal_level = 'logical'; then restart Postgres "
+            "(on managed services set it in the parameter group, e.g. rds.logical_replication = 1)"
+        )
+    if not can_replicate:
+        grant = _sql(conn, "ALTER ROLE {} WITH REPLICATION;", sql.Identifier(user))
+        raise ReplicationNotPermitted(
+            f"the role {user!r} may not stream changes; run {grant} (as a superuser)"
+        )
+    if slot_needed and used_slots >= max_slots:
+        raise _no_free_slots(max_slots)
+    return _Server(database, max_slots, used_slots)
+
+
+def _no_free_slots(max_slots: int) -> NoFreeReplicationSlots:
+    return NoFreeReplicationSlots(
+        f"all {max_slots} replication slots are in use; drop unused ones "
+        "(see pg_replication_slots) or raise max_replication_slots and restart Postgres"
+    )
 
 
 def _sql(

@@ -38,7 +38,7 @@ from typing import Any, TextIO
 import psycopg
 from psycopg import sql
 
-from ..admin import connect_sql, mask_dsn
+from ..admin import check_server, connect_sql, mask_dsn
 from ..app import WalEx
 from ..embedded import EmbeddedPostgres, find_binaries
 from ..errors import ConfigurationError, WalexError
@@ -202,6 +202,13 @@ async def _demo(dsn: str, follow: bool, out: TextIO, embedded: EmbeddedPostgres 
     schema = "public" if embedded is not None else f"walex_demo_{secrets.token_hex(4)}"
     publication = "walex_demo" if embedded is not None else f"{schema}_pub"
     conn = await connect_sql(dsn, application_name="walex-demo")
+    try:
+        # Check what streaming needs before making anything, so that a server
+        # that cannot stream is left as it was.
+        await check_server(conn, slot_needed=True)
+    except BaseException:
+        await conn.close()
+        raise
     try:
         await _create(conn, schema, publication, own_schema)
         _say(
@@ -411,7 +418,8 @@ def _indent(text: str) -> str:
 
 def _client_hint(dsn: str, schema: str, embedded: EmbeddedPostgres | None) -> str:
     """A command line that changes the demo's tables."""
-    example = f"INSERT INTO {schema}.todo (id, user_id, title) VALUES (10, 1, 'mine')"
+    todo = sql.Identifier(schema, "todo").as_string(None)
+    example = f"INSERT INTO {todo} (id, user_id, title) VALUES (10, 1, 'mine')"
     # The embedded server trusts local connections: its DSN has no secret.
     target = dsn if embedded is not None else mask_dsn(dsn)
     psql = shutil.which("psql")
