@@ -323,13 +323,13 @@ class WalEx:
 
     # -- the publication's tables -------------------------------------------------
 
-    async def _check_tables(self) -> None:
-        """Refuse table patterns that match no table of the publication: they never fire."""
-        if all(_any_table(p) for p in self._subscriptions) and all(
-            all(_any_table(p) for p in route.tables) or not route.types & TABLE_TYPES
-            for route in self._routes
-        ):
-            return  # only "*": nothing that could miss, no connection needed
+    async def _check_tables(self) -> set[tuple[str, str]] | None:
+        """Refuse table patterns that match no table of the publication: they never fire.
+
+        Returns:
+            The publications' tables, ``None`` when a publication is missing
+            (the stream reports that, with its fix).
+        """
         s = self.settings
         conn = await connect_sql(
             s.conninfo, s.engine.get("connect_timeout", 30.0), application_name="walex-app"
@@ -339,11 +339,11 @@ class WalEx:
             for pub in s.publications:
                 found = await publication_tables(conn, pub)
                 if found is None:
-                    return  # the stream reports the missing publication, with its fix
+                    return None  # the stream reports the missing publication, with its fix
                 published |= found[1]
             problems = unmatched_patterns(self._routes, self._subscriptions, published)
             if not problems:
-                return
+                return published
             cur = await conn.execute(_TABLES_SQL)
             existing = [(r[0], r[1]) for r in await cur.fetchall()]
         finally:
@@ -735,7 +735,7 @@ class WalEx:
         self._dispatcher.stop = self._stopping
         self._stop_cancel = False
         self._handling = self._forced = False
-        await self._check_tables()
+        published = await self._check_tables()
         stream = self._make_stream()
         try:
             await self._dispatcher.start()
@@ -746,16 +746,37 @@ class WalEx:
             raise
         self._stream = stream
         self._tell("track_stream", stream)
-        logger.info(
-            "%s: streaming from slot %r (%s), %d handler(s)",
-            self.name,
-            self.settings.slot_name,
-            "durable" if self.settings.durable_slot else "temporary",
-            len(self._routes),
-        )
+        self._log_what_runs(published)
         self._task = asyncio.get_running_loop().create_task(
             self._serve(stream), name=f"walex:{self.name}"
         )
+
+    def _log_what_runs(self, published: set[tuple[str, str]] | None) -> None:
+        """Say at start what runs: the slot, the publication's tables, each route."""
+        s = self.settings
+        tables = ", ".join(table_name(*t) for t in sorted(published or ()))
+        logger.info(
+            "%s: streaming from slot %r (%s); publication %s: %s",
+            self.name,
+            s.slot_name,
+            "durable" if s.durable_slot else "temporary",
+            ", ".join(s.publications),
+            tables or "no tables yet",
+        )
+        if not self._routes:
+            logger.warning(
+                "%s: no handler and no destination: changes are read and dropped", self.name
+            )
+        for route in self._routes:
+            types = "every change" if route.types == ALL_TYPES else ", ".join(sorted(route.types))
+            logger.info(
+                "%s: %s %s gets %s of %s",
+                self.name,
+                route.kind,
+                route.name,
+                types,
+                route.table_label if route.types & TABLE_TYPES else "the logical messages",
+            )
 
     async def _serve(self, stream: Stream) -> None:
         stopping = self._stopping
@@ -917,10 +938,6 @@ SELECT n.nspname::text, c.relname::text
  WHERE c.relkind IN ('r', 'p')
    AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%'
 """
-
-
-def _any_table(pattern: TablePattern) -> bool:
-    return pattern.schema is None and pattern.table is None
 
 
 def _setup_command(dsn: str, publication: str, tables: Sequence[str]) -> str:

@@ -48,10 +48,12 @@ __all__ = [
     "SETTINGS",
     "ErrorPolicy",
     "FileConfig",
+    "MetricsConfig",
     "Settings",
     "default_slot_name",
     "from_env",
     "import_object",
+    "parse_listen",
     "read_file",
     "redact",
     "validate",
@@ -359,20 +361,84 @@ def from_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """The ``[metrics]`` table of a settings file: serve ``/metrics`` and ``/healthz``.
+
+    Attributes:
+        host: the address to listen on (``127.0.0.1`` unless given).
+        port: the TCP port.
+        max_lag_bytes: ``/healthz`` fails past this lag (``None``: no limit).
+        namespace: the metrics' prefix (``walex``).
+    """
+
+    host: str
+    port: int
+    max_lag_bytes: int | None = None
+    namespace: str = "walex"
+
+
+@dataclass(frozen=True, slots=True)
 class FileConfig:
-    """What a TOML file holds: settings, handlers and destinations.
+    """What a TOML file holds: settings, handlers, destinations and metrics.
 
     Attributes:
         path: the file.
         settings: setting → value, as written.
         handlers: the ``[[handlers]]`` tables.
         destinations: the ``[[destinations]]`` tables.
+        metrics: the ``[metrics]`` table, checked; ``None`` when absent.
     """
 
     path: Path
     settings: dict[str, Any]
     handlers: list[dict[str, Any]]
     destinations: list[dict[str, Any]]
+    metrics: MetricsConfig | None = None
+
+
+_METRICS_KEYS = {"listen", "max_lag_bytes", "namespace"}
+
+
+def _metrics(section: Any, where: str) -> MetricsConfig:
+    if not isinstance(section, dict):
+        raise ConfigurationError(f"{where}: metrics must be a [metrics] table")
+    for key in section:
+        if key not in _METRICS_KEYS:
+            raise ConfigurationError(
+                f"{where}: [metrics] has an unknown key {key!r}; accepted: {sorted(_METRICS_KEYS)}"
+            )
+    listen = section.get("listen")
+    if not isinstance(listen, str) or not listen.strip():
+        raise ConfigurationError(
+            f'{where}: [metrics] needs listen = "HOST:PORT" (e.g. "127.0.0.1:9187")'
+        )
+    host, port = parse_listen(listen, f"{where}: [metrics] listen")
+    lag = section.get("max_lag_bytes")
+    if lag is not None and (not isinstance(lag, int) or isinstance(lag, bool) or lag < 0):
+        raise ConfigurationError(f"{where}: [metrics] max_lag_bytes must be a number of bytes")
+    namespace = section.get("namespace", "walex")
+    if not isinstance(namespace, str) or not _NAME.match(namespace):
+        raise ConfigurationError(f"{where}: [metrics] namespace must be letters, digits and _")
+    return MetricsConfig(host, port, lag, namespace)
+
+
+def parse_listen(text: str, what: str = "listen") -> tuple[str, int]:
+    """``"HOST:PORT"``, ``"[::1]:PORT"`` or ``":PORT"`` (127.0.0.1) → ``(host, port)``.
+
+    Raises:
+        ConfigurationError: naming *what*.
+    """
+    host, sep, port_text = text.strip().rpartition(":")
+    if not sep:
+        raise ConfigurationError(f"{what} must be HOST:PORT, not {text!r}")
+    host = host.removeprefix("[").removesuffix("]") or "127.0.0.1"
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigurationError(f"{what} must be HOST:PORT, not {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise ConfigurationError(f"{what}: the port must be 0 to 65535, not {port}")
+    return host, port
 
 
 def read_file(path: str | os.PathLike[str]) -> FileConfig:
@@ -394,13 +460,20 @@ def read_file(path: str | os.PathLike[str]) -> FileConfig:
         data = {**data, **data.pop("walex")}
     handlers = data.pop("handlers", [])
     destinations = data.pop("destinations", [])
+    metrics = data.pop("metrics", None)
     for label, items in (("handlers", handlers), ("destinations", destinations)):
         if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
             raise ConfigurationError(f"{p}: {label} must be [[{label}]] tables")
     for key in data:
         if key not in SETTINGS:
             raise _unknown(key, f" in {p}")
-    return FileConfig(p, dict(data), list(handlers), list(destinations))
+    return FileConfig(
+        p,
+        dict(data),
+        list(handlers),
+        list(destinations),
+        _metrics(metrics, str(p)) if metrics is not None else None,
+    )
 
 
 def import_object(ref: str, key: str) -> Any:

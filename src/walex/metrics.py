@@ -420,7 +420,7 @@ class Metrics:
             ) from exc
         server = MetricsServer(httpd)
         bound = httpd.socket.getsockname()
-        logger.info("metrics on http://%s/metrics, health on /healthz", bound[:2])
+        logger.info("metrics on http://%s:%s/metrics, health on /healthz", bound[0], bound[1])
         return server
 
     def _wsgi_app(self) -> WSGIApplication:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -311,3 +313,55 @@ def test_a_module_that_raises_at_import_is_one_line_with_exit_2(
     assert err.count("\n") == 1, err
     assert "importing module 'broken_at_import_xyz' raised ZeroDivisionError" in err
     assert "Traceback" not in err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_config_file_serves_metrics_and_says_what_runs(db: Database, tmp_path: Path) -> None:
+    pub = seed_tables(db)
+    port = _free_port()
+    (tmp_path / "listed_handlers.py").write_text("def noop(events):\n    pass\n")
+    config = tmp_path / "walex.toml"
+    config.write_text(
+        f'name = "{db.unique("listed")}"\npublication = "{pub}"\n'
+        f'[metrics]\nlisten = "127.0.0.1:{port}"\nmax_lag_bytes = 1000000000\n'
+        '[[handlers]]\nhandler = "listed_handlers:noop"\ntable = "todo"\ntype = "insert"\n'
+        f'[[destinations]]\ntype = "file"\npath = "{tmp_path / "out.jsonl"}"\n'
+        'tables = ["user_account"]\n'
+    )
+    log = tmp_path / "out.log"
+    proc = walex_run(["run", "--config", str(config)], tmp_path, log, {"WALEX_URL": db.dsn})
+    try:
+        wait_for(lambda: "streaming from slot" in log.read_text(), "the app to start")
+        text = log.read_text()
+        assert "public.todo, public.user_account" in text, text
+        assert "handler listed_handlers:noop gets insert of public.todo" in text, text
+        assert "destination file gets every change of public.user_account" in text, text
+
+        def answer(path: str) -> tuple[int, bytes]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+                return resp.status, resp.read()
+
+        wait_for(lambda: answer("/healthz")[0] == 200, "a healthy app")
+        status, body = answer("/metrics")
+        assert status == 200
+        assert b"walex_connected" in body
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()
+    finally:
+        proc.kill()
+    with pytest.raises(ConnectionRefusedError):  # the server went with the app
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_a_bad_metrics_table_is_a_configuration_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "walex.toml"
+    config.write_text('publication = "p"\n[metrics]\nlisten = "nowhere"\n')
+    assert main(["run", "--config", str(config)]) == 2
+    assert "[metrics] listen must be HOST:PORT" in capsys.readouterr().err

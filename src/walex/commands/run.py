@@ -9,6 +9,9 @@ logic of the app itself.
     walex run myproject.events:app other:app     # several, each with its own slot
     walex run --config walex.toml                # settings and handlers from a file
 
+A file with a ``[metrics]`` table (``listen = "127.0.0.1:9187"``) also serves
+``/metrics`` and ``/healthz`` while the app runs.
+
 Shutdown is graceful: running handlers finish, what they handled is
 confirmed, and the command exits 0 (a handler or destination waiting to
 retry stops waiting; its transaction is not confirmed). A second signal
@@ -26,7 +29,7 @@ import sys
 from typing import Any
 
 from ..app import WalEx
-from ..config import import_object
+from ..config import MetricsConfig, import_object, read_file
 from ..errors import ConfigurationError
 from ..serve import serve
 
@@ -90,6 +93,44 @@ def main(args: argparse.Namespace) -> int:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     apps = [_load(ref) for ref in args.apps]
-    apps += [WalEx.from_config(path) for path in args.config]
-    asyncio.run(serve(*apps, stop_all_on_error=args.stop_all_on_error))
+    wanted: dict[tuple[str, int], Any] = {}  # address → the Metrics served there
+    for path in args.config:
+        metrics = read_file(path).metrics
+        if metrics is None:
+            apps.append(WalEx.from_config(path))
+            continue
+        observer = _observer(metrics, wanted)
+        apps.append(WalEx.from_config(path, observers=[observer]))
+    asyncio.run(_serve(apps, wanted, args.stop_all_on_error))
     return 0
+
+
+def _observer(config: MetricsConfig, wanted: dict[tuple[str, int], Any]) -> Any:
+    """The Metrics that serves *config*'s address (files naming one address share it)."""
+    try:
+        from ..metrics import Metrics
+    except ModuleNotFoundError as exc:
+        raise ConfigurationError(
+            'a [metrics] table needs prometheus-client: pip install "walex[metrics]"'
+        ) from exc
+    key = (config.host, config.port)
+    if key not in wanted:
+        wanted[key] = Metrics(max_lag_bytes=config.max_lag_bytes, namespace=config.namespace)
+    return wanted[key]
+
+
+async def _serve(
+    apps: list[WalEx], wanted: dict[tuple[str, int], Any], stop_all_on_error: bool
+) -> None:
+    servers = []
+    try:
+        for (host, port), metrics in wanted.items():
+            try:
+                servers.append(await metrics.serve(host, port))
+            except OSError as exc:
+                raise ConfigurationError(f"[metrics] listen: {exc}") from exc
+        await serve(*apps, stop_all_on_error=stop_all_on_error)
+    finally:
+        for server in servers:
+            server.close()
+            await server.wait_closed()
