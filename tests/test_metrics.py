@@ -106,6 +106,10 @@ async def test_metrics_and_health_of_a_real_stream(db: Database) -> None:
             lag = got[("walex_lag_bytes", label)]
             assert lag == float(stream.server_wal_end) - float(stream.confirmed_lsn)
             assert lag > 0
+            # Behind: the age of the newest handled commit (the first batch's).
+            age = time.time() - first.commit_timestamp.timestamp()
+            assert 0 < got[("walex_lag_seconds", label)] <= age + 1
+            assert got[("walex_silent_seconds", label)] == 0  # not waiting: handling
 
             # A limit above the lag: healthy.
             metrics.max_lag_bytes = 10 * 1024 * 1024

@@ -155,3 +155,22 @@ async def test_a_raising_where_predicate_goes_through_the_policy() -> None:
     stops.on_insert("todo", where=lambda e: 1 / 0 > 0)(print)
     with pytest.raises(HandlerError, match="ZeroDivisionError"):
         await dispatch(stops, make_insert("todo", {"id": 1}))
+
+
+async def test_a_where_that_raises_on_a_truncate_skips_only_the_truncate() -> None:
+    got: list[str] = []
+    a = app(on_error="skip")
+
+    @a.on_event("todo", where=lambda e: e.record["id"] > 0)  # type: ignore[index]
+    def handler(events: list[Event]) -> None:
+        got.extend(e.type for e in events)
+
+    await dispatch(
+        a,
+        make_batch(
+            make_insert("todo", {"id": 1}),
+            make_truncate("todo"),  # record is None: the predicate raises TypeError
+            make_insert("todo", {"id": 2}),
+        ),
+    )
+    assert got == ["insert", "insert"]

@@ -43,6 +43,8 @@ Metrics (``walex_`` prefix by default):
 ``server_wal_end_lsn{slot}``           the server's WAL end, as last reported
 ``received_lsn{slot}``                 the newest position received
 ``lag_bytes{slot}``                    server WAL end - confirmed position
+``lag_seconds{slot}``                  while behind: now - commit time of the newest handled
+``silent_seconds{slot}``               how long the server has sent nothing while waited for
 ``reconnects_total{slot}``             replication connections re-established
 ``connected{slot}``                    1 while the replication connection is up
 =====================================  ===========================================
@@ -58,6 +60,7 @@ import logging
 import socket
 import socketserver
 import threading
+import time
 import weakref
 from collections import Counter as _Tally
 from collections.abc import Callable, Iterable
@@ -105,9 +108,12 @@ class _Reading:
     received: int
     reconnects: int
     connected: bool
+    handled_commit: float | None  # POSIX time of the newest handled transaction's commit
+    silent: float
 
     @classmethod
     def of(cls, stream: Stream) -> _Reading:
+        handled = stream.handled_commit_timestamp
         return cls(
             stream.slot,
             int(stream.confirmed_lsn),
@@ -115,7 +121,16 @@ class _Reading:
             int(stream.received_lsn),
             stream.reconnects,
             stream.connected,
+            handled.timestamp() if handled is not None else None,
+            stream.silent_for,
         )
+
+    @property
+    def lag_seconds(self) -> float:
+        """0 when caught up; else how old the newest handled change is."""
+        if not self.lag or self.handled_commit is None:
+            return 0.0
+        return max(0.0, time.time() - self.handled_commit)
 
     @property
     def lag(self) -> int:
@@ -150,6 +165,18 @@ class _StreamCollector(Collector):
             "WAL between the server's end and the confirmed position.",
             labels=["slot"],
         )
+        lag_seconds = GaugeMetricFamily(
+            f"{prefix}_lag_seconds",
+            "While behind the server: seconds since the commit of the newest handled "
+            "transaction; 0 when caught up.",
+            labels=["slot"],
+        )
+        silent = GaugeMetricFamily(
+            f"{prefix}_silent_seconds",
+            "Seconds the server has sent nothing while walex waits for it (a dead link "
+            "grows it until receive_timeout).",
+            labels=["slot"],
+        )
         reconnects = CounterMetricFamily(
             f"{prefix}_reconnects",
             "Replication connections re-established after a loss.",
@@ -166,9 +193,11 @@ class _StreamCollector(Collector):
             wal_end.add_metric(labels, float(reading.wal_end))
             received.add_metric(labels, float(reading.received))
             lag.add_metric(labels, float(reading.lag))
+            lag_seconds.add_metric(labels, reading.lag_seconds)
+            silent.add_metric(labels, reading.silent)
             reconnects.add_metric(labels, float(reading.reconnects))
             connected.add_metric(labels, 1.0 if reading.connected else 0.0)
-        yield from (confirmed, wal_end, received, lag, reconnects, connected)
+        yield from (confirmed, wal_end, received, lag, lag_seconds, silent, reconnects, connected)
 
 
 def lag_bytes(stream: Stream) -> int:

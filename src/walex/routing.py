@@ -891,10 +891,15 @@ class Dispatcher:
         for route in self.routes:
             try:
                 selected = route.select(events)
-            except Exception as exc:
-                # A `where` predicate that raises: the route's policy decides.
-                await self._give_up(route, f"{route.name} (where)", list(events), exc, 1)
-                continue
+            except Exception:
+                # A `where` predicate raised: the events it raised on go to the
+                # route's error policy, each alone; the others go on.
+                selected = []
+                for event in events:
+                    try:
+                        selected += route.select((event,))
+                    except Exception as exc:
+                        await self._give_up(route, f"{route.name} (where)", [event], exc, 1)
             if not selected:
                 continue
             if route.destination is None:

@@ -29,6 +29,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Literal
 
 import psycopg
@@ -46,7 +47,7 @@ from .errors import (
     is_transient,
     translate,
 )
-from .events import Batch
+from .events import Batch, Transaction
 from .lsn import LSN
 from .options import StreamOptions, Target
 from .pgoutput.messages import Relation
@@ -117,6 +118,8 @@ class Stream:
         self._backend_pid: int | None = None
         self._gc_paused = False
         self._failures = 0  # connection losses since the last delivered batch
+        self._handled_txn: Transaction | None = None  # of the newest handled batch
+        self._silence: _Silence | None = None  # while waiting for the server
 
     # -- public state ----------------------------------------------------
 
@@ -139,6 +142,18 @@ class Stream:
     def connected(self) -> bool:
         """Whether the replication connection is up."""
         return self._conn is not None and not self._conn.closed
+
+    @property
+    def handled_commit_timestamp(self) -> datetime | None:
+        """The commit time of the newest transaction handed out and handled."""
+        txn = self._handled_txn
+        return txn.commit_timestamp if txn is not None else None
+
+    @property
+    def silent_for(self) -> float:
+        """Seconds the server has sent nothing while the stream waits for it (else 0)."""
+        silence = self._silence
+        return silence.quiet() if silence is not None else 0.0
 
     @property
     def heartbeats_received(self) -> int:
@@ -396,6 +411,7 @@ class Stream:
         batch = self._inflight
         if batch is not None:
             self._inflight = None
+            self._handled_txn = batch.transaction
             self._checkpoint.done(batch)
 
     # -- the iterator --------------------------------------------------------
@@ -462,21 +478,24 @@ class Stream:
         try:
             if conn is None:
                 raise StreamError("not connected")
-            silence = _Silence(self.options.receive_timeout)
-            while True:
-                if not conn.read(frames):
-                    raise StreamError("the server ended the replication stream")
-                if frames:
-                    return
-                wait, ask = silence.next_wait()
-                if ask:
-                    # Quiet for half the timeout: a live server answers this at once.
-                    self._send_status(reply=True)
-                self._resume_gc()
-                try:
-                    await conn.wait_readable(wait)
-                finally:
-                    self._pause_gc()
+            silence = self._silence = _Silence(self.options.receive_timeout)
+            try:
+                while True:
+                    if not conn.read(frames):
+                        raise StreamError("the server ended the replication stream")
+                    if frames:
+                        return
+                    wait, ask = silence.next_wait()
+                    if ask:
+                        # Quiet for half the timeout: a live server answers this at once.
+                        self._send_status(reply=True)
+                    self._resume_gc()
+                    try:
+                        await conn.wait_readable(wait)
+                    finally:
+                        self._pause_gc()
+            finally:
+                self._silence = None
         except (StreamError, OSError) as exc:
             if isinstance(exc, ServerError):
                 if "binary output function" in str(exc) and self._catalog.binary:
@@ -500,6 +519,10 @@ class _Silence:
         self._timeout = timeout
         self._start = time.monotonic()
         self._asked = False
+
+    def quiet(self) -> float:
+        """Seconds since the wait began."""
+        return time.monotonic() - self._start
 
     def next_wait(self) -> tuple[float | None, bool]:
         """Seconds to wait next (``None``: for ever), and whether to ask for a keepalive first.
