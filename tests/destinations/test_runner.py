@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import random
+import secrets
 import signal
 import socket
 import subprocess
@@ -227,6 +228,25 @@ async def test_jetstream_unreachable_at_start_fails_in_one_line_within_its_timeo
             await asyncio.wait_for(dest.start(), 10)
         await dest.close()
     assert loop.time() - started < 3
+
+
+async def test_jetstream_without_a_stream_for_the_subject_says_how_to_make_one() -> None:
+    require_service("nats")
+    from walex.destinations.nats import JetStream
+
+    subject = f"walexnostream{secrets.token_hex(4)}.{{table}}"
+    dest = JetStream(subject=subject, timeout=2)
+    await dest.start()
+    try:
+        with pytest.raises(DestinationError) as info:
+            await dest.send(make_events(2))
+    finally:
+        await dest.close()
+    message = str(info.value)
+    assert "no JetStream stream stores subject" in message
+    assert "nats stream add CDC --subjects 'walexnostream" in message
+    assert ".>'" in message
+    assert info.value.retryable  # someone may create it: walex tries again
 
 
 async def test_redis_maxlen_caps_the_stream() -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import shlex
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -242,6 +243,20 @@ class JetStream:
                     failed=events[i + acked :],
                 ) from exc
             for k, result in enumerate(results):
+                if isinstance(result, nats.js.errors.NoStreamResponseError):
+                    await self._drop()
+                    subject = render(chunk[k])
+                    raise DestinationError(
+                        f"no JetStream stream stores subject {subject!r}"
+                        + (f" (stream {self.stream!r} does not exist)" if self.stream else "")
+                        + ": create one, e.g. nats stream add "
+                        + shlex.quote(self.stream or "CDC")
+                        + " --subjects "
+                        + shlex.quote(_wildcard(subject))
+                        + ", or set stream and create_stream = true on the destination",
+                        destination=self.name,
+                        failed=events[i + k :],
+                    ) from result
                 if isinstance(result, BaseException):
                     # JetStream refused it (no stream for the subject, ...) or
                     # the connection broke: a new connection may do better.
@@ -253,6 +268,11 @@ class JetStream:
                         retryable=retryable,
                         failed=events[i + k :],
                     ) from result
+
+
+def _wildcard(subject: str) -> str:
+    """The subject's first token and ``>``: what a stream for such subjects would take."""
+    return subject.split(".", 1)[0] + ".>" if "." in subject else subject
 
 
 def _acked(futures: list[asyncio.Future[Any]]) -> int:
