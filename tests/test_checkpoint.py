@@ -165,3 +165,20 @@ def test_confirmed_is_always_the_end_of_the_done_prefix(
         assert cp.confirmed == expected
     assert cp.confirmed == lsn
     assert cp.in_flight == 0
+
+
+def test_a_batch_from_before_a_reset_may_still_be_reported_done() -> None:
+    """Pipelined delivery: a batch in flight when the connection was lost is
+    sent again by the server; the old copy's late report changes nothing."""
+    cp = Checkpoint()
+    old = Item(10)
+    cp.issue(old)
+    cp.reset()
+    again = Item(10)
+    cp.issue(again)
+    cp.done(old)  # late, and harmless
+    assert cp.confirmed == 0
+    cp.done(again)
+    assert cp.confirmed == 10
+    with pytest.raises(ValueError, match="not in flight"):
+        cp.done(old)  # but only once

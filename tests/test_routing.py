@@ -26,6 +26,7 @@ from walex.routing import (
     DeadLetter,
     Destination,
     Dispatcher,
+    Pipeline,
     RetryPolicy,
     Route,
     send_with_retry,
@@ -510,3 +511,130 @@ def test_destination_protocol_lives_in_routing() -> None:
     assert walex.destinations.Destination is Destination
     assert walex.destinations._base.Destination is Destination
     assert isinstance(Memory(), Destination)
+
+
+# -- pipelined delivery --------------------------------------------------------
+
+
+class FakeStream:
+    """Batches to read, and what was acknowledged (in order of acknowledgement)."""
+
+    def __init__(self, batches: Sequence[Any]) -> None:
+        self.batches = list(batches)
+        self.read_count = 0
+        self.acked: list[Any] = []
+        self.max_in_flight = 0
+
+    async def read(self) -> Any:
+        if self.read_count == len(self.batches):
+            raise StopAsyncIteration
+        batch = self.batches[self.read_count]
+        self.read_count += 1
+        self.max_in_flight = max(self.max_in_flight, self.read_count - len(self.acked))
+        await asyncio.sleep(0)
+        return batch
+
+    def ack(self, batch: Any, seconds: float) -> None:
+        assert seconds >= 0
+        self.acked.append(batch)
+
+
+class SlowMemory(Memory):
+    """A destination whose every send takes a round trip."""
+
+    async def send(self, events: Sequence[Event]) -> None:
+        await asyncio.sleep(0.01)
+        await super().send(events)
+
+
+def small_batches(n: int, rows_each: int = 2) -> list[Any]:
+    return [
+        make_batch(*(make_insert("todo", {"id": i * rows_each + k}) for k in range(rows_each)))
+        for i in range(n)
+    ]
+
+
+async def test_a_pipeline_sends_many_transactions_per_round_trip_in_order() -> None:
+    dest = SlowMemory()
+    stream = FakeStream(small_batches(200))
+    await Pipeline(Dispatcher([Route(dest)])).run(stream.read, stream.ack)
+    got = [e.new_record["id"] for b in dest.sent for e in b]  # type: ignore[index]
+    assert got == list(range(400))
+    assert dest.calls < 50  # not one round trip per transaction
+    assert len(stream.acked) == 200
+
+
+async def test_a_batch_is_acknowledged_only_after_every_destination_has_it() -> None:
+    fast, slow = Memory("fast"), SlowMemory("slow")
+    stream = FakeStream(small_batches(5))
+    acked_when: list[int] = []
+
+    def ack(batch: Any, seconds: float) -> None:
+        acked_when.append(sum(map(len, slow.sent)))
+        stream.ack(batch, seconds)
+
+    await Pipeline(Dispatcher([Route(fast), Route(slow)])).run(stream.read, ack)
+    # At each acknowledgement the slow destination already had that batch's events.
+    assert all(count >= 2 * (i + 1) for i, count in enumerate(acked_when))
+
+
+async def test_the_window_bounds_what_is_read_ahead() -> None:
+    stream = FakeStream(small_batches(100, rows_each=10))
+    await Pipeline(Dispatcher([Route(SlowMemory())]), window_events=30).run(stream.read, stream.ack)
+    # 30 events in flight at most: 3 batches, and the one the reader holds.
+    assert stream.max_in_flight <= 4
+    assert len(stream.acked) == 100
+
+
+async def test_handlers_run_in_order_before_their_batch_is_queued() -> None:
+    seen: list[int] = []
+    dest = SlowMemory()
+
+    def handler(events: list[Event]) -> None:
+        seen.extend(e.new_record["id"] for e in events)  # type: ignore[index]
+
+    stream = FakeStream(small_batches(20))
+    dispatcher = Dispatcher([Route(handler, tables="todo"), Route(dest)])
+    await Pipeline(dispatcher).run(stream.read, stream.ack)
+    assert seen == list(range(40))
+    assert [e.new_record["id"] for b in dest.sent for e in b] == list(range(40))  # type: ignore[index]
+
+
+async def test_a_destination_that_gives_up_stops_the_pipeline_unacknowledged() -> None:
+    dest = Memory(errors=[DestinationError("refused", retryable=False)])
+    stream = FakeStream(small_batches(10))
+    with pytest.raises(DestinationError, match="refused"):
+        await Pipeline(Dispatcher([Route(dest, policy=FAST)])).run(stream.read, stream.ack)
+    # What the failed send carried is not acknowledged (the first batch at least).
+    assert stream.batches[0] not in stream.acked
+
+
+async def test_a_stop_reads_no_more_but_delivers_what_was_read() -> None:
+    dest = SlowMemory()
+    stop = asyncio.Event()
+    stream = FakeStream(small_batches(1000))
+
+    async def stop_soon() -> None:
+        await asyncio.sleep(0.05)
+        stop.set()
+
+    stopper = asyncio.ensure_future(stop_soon())
+    pipeline = Pipeline(Dispatcher([Route(dest)], stop=stop), window_events=20)
+    await pipeline.run(stream.read, stream.ack, stop=stop)
+    await stopper
+    assert 0 < stream.read_count < 1000
+    # Everything read was delivered and acknowledged: nothing left in flight.
+    assert len(stream.acked) == stream.read_count
+    assert sum(map(len, dest.sent)) == 2 * stream.read_count
+
+
+async def test_a_stop_during_a_retry_wait_abandons_unacknowledged() -> None:
+    dest = Memory(errors=[ConnectionError("down")] * 100)
+    stop = asyncio.Event()
+    stream = FakeStream(small_batches(3))
+    asyncio.get_running_loop().call_later(0.05, stop.set)
+    with pytest.raises(Abandoned):
+        await Pipeline(Dispatcher([Route(dest, policy=SLOW)], stop=stop)).run(
+            stream.read, stream.ack, stop=stop
+        )
+    assert stream.acked == []

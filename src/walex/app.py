@@ -52,6 +52,7 @@ from .routing import (
     DeadLetter,
     Destination,
     Dispatcher,
+    Pipeline,
     RetryPolicy,
     Route,
     Unmatched,
@@ -182,9 +183,7 @@ class WalEx:
         self._stream: Stream | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping: asyncio.Event | None = None
-        self._reading = False
-        self._stop_cancel = False
-        self._handling = False  # a batch is being dispatched
+        self._pipeline: Pipeline | None = None  # while the app runs
         self._forced = False  # a forced stop cut a batch short: it is not confirmed
         self.error: BaseException | None = None
         self._make_stream()  # the engine checks its own options now, not at start
@@ -681,27 +680,10 @@ class WalEx:
             Abandoned: a stop was asked for while one waited to retry.
         """
         started = time.perf_counter()
-        if self._middleware is not None:
-            try:
-                result = self._middleware(batch)
-                if inspect.isawaitable(result):
-                    await result
-            except Exception as exc:
-                raise HandlerError(
-                    f"message_middleware failed on the batch of transaction {batch.xid} "
-                    f"(commit {batch.commit_lsn}): {type(exc).__name__}: {exc}; the app stops "
-                    "and the transaction is not confirmed"
-                ) from exc
+        await self._before(batch)
         await self._dispatcher.dispatch(batch.events)
         if self._observers:
-            elapsed = time.perf_counter() - started
-            for obs in self._observers:
-                method = getattr(obs, "on_batch", None)
-                if method is not None:
-                    try:
-                        method(batch, elapsed)
-                    except Exception:
-                        logger.exception("observer %r failed in on_batch", obs)
+            self._batch_done(batch, time.perf_counter() - started)
 
     # -- running ---------------------------------------------------------------
 
@@ -733,8 +715,7 @@ class WalEx:
         self.error = None
         self._stopping = asyncio.Event()
         self._dispatcher.stop = self._stopping
-        self._stop_cancel = False
-        self._handling = self._forced = False
+        self._forced = False
         published = await self._check_tables()
         stream = self._make_stream()
         try:
@@ -781,26 +762,9 @@ class WalEx:
     async def _serve(self, stream: Stream) -> None:
         stopping = self._stopping
         assert stopping is not None
+        pipeline = self._pipeline = Pipeline(self._dispatcher)
         try:
-            try:
-                while not stopping.is_set():
-                    self._reading = True
-                    try:
-                        batch = await stream.__anext__()
-                    finally:
-                        self._reading = False
-                    self._handling = True
-                    await self.dispatch(batch)
-                    self._handling = False
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if not self._stop_cancel or task is None:
-                    raise
-                # Our own stop interrupted a wait for the next batch: the
-                # previous batch was already marked handled, nothing is lost.
-                task.uncancel()
-            except StopAsyncIteration:
-                pass
+            await pipeline.run(stream.read, self._acked(stream), stop=stopping, before=self._before)
         except Abandoned:
             logger.warning(
                 "%s: stopped while a handler or destination was waiting to retry; that "
@@ -809,10 +773,11 @@ class WalEx:
             )
             await stream.__aexit__(Abandoned, None, None)
         except asyncio.CancelledError:
-            if self._handling:
+            if pipeline.busy:
                 self._forced = True
                 logger.warning(
-                    "%s: forced stop; the transaction being handled is not confirmed", self.name
+                    "%s: forced stop; the transactions being handled are not confirmed",
+                    self.name,
                 )
             await asyncio.shield(stream.__aexit__(asyncio.CancelledError, None, None))
             raise
@@ -825,14 +790,47 @@ class WalEx:
                 logger.error("%s: stopped by an unexpected error", self.name, exc_info=exc)
             await stream.__aexit__(type(exc), exc, exc.__traceback__)
         else:
-            # A clean end: what was handled (the last batch too) is confirmed.
+            # A clean end: every batch read was delivered and acknowledged.
             await stream.__aexit__(None, None, None)
         finally:
-            self._handling = False
+            self._pipeline = None
             await self._dispatcher.close()
             self._tell("untrack_stream", stream)
             self._stream = None
             logger.info("%s: stopped", self.name)
+
+    async def _before(self, batch: Batch) -> None:
+        """What the app does with a batch before its routes: WalEx's message_middleware."""
+        if self._middleware is None:
+            return
+        try:
+            result = self._middleware(batch)
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:
+            raise HandlerError(
+                f"message_middleware failed on the batch of transaction {batch.xid} "
+                f"(commit {batch.commit_lsn}): {type(exc).__name__}: {exc}; the app stops "
+                "and the transaction is not confirmed"
+            ) from exc
+
+    def _acked(self, stream: Stream) -> Callable[[Batch, float], None]:
+        """Acknowledge a batch every route is done with, and tell the observers."""
+
+        def ack(batch: Batch, seconds: float) -> None:
+            stream.ack(batch)
+            self._batch_done(batch, seconds)
+
+        return ack
+
+    def _batch_done(self, batch: Batch, seconds: float) -> None:
+        for obs in self._observers:
+            method = getattr(obs, "on_batch", None)
+            if method is not None:
+                try:
+                    method(batch, seconds)
+                except Exception:
+                    logger.exception("observer %r failed in on_batch", obs)
 
     def _tell(self, method: str, stream: Stream) -> None:
         for obs in self._observers:
@@ -861,14 +859,12 @@ class WalEx:
         if self._stopping is None or self._task is None:
             return
         self._stopping.set()
-        if self._reading and not self._task.done():
-            self._stop_cancel = True
-            self._task.cancel()
+        if self._pipeline is not None:
+            self._pipeline.interrupt()  # only a wait for the stream: handlers finish
 
     def force_stop(self) -> None:
         """Stop now: cancel running handlers; the transaction in hand is not confirmed."""
         if self._task is not None and not self._task.done():
-            self._stop_cancel = False
             if self._stopping is not None:
                 self._stopping.set()
             self._task.cancel()

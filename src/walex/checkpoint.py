@@ -62,7 +62,15 @@ class Checkpoint:
         confirmed: what may be reported to the server as flushed.
     """
 
-    __slots__ = ("_done_early", "_holds", "_on_advance", "_pending", "confirmed", "handled")
+    __slots__ = (
+        "_done_early",
+        "_holds",
+        "_on_advance",
+        "_pending",
+        "_stale",
+        "confirmed",
+        "handled",
+    )
 
     def __init__(
         self,
@@ -71,6 +79,9 @@ class Checkpoint:
     ) -> None:
         self._pending: deque[Issued] = deque()
         self._done_early: set[int] = set()  # id() of items done before those ahead of them
+        # Items in flight when reset() was called, by id(); held, so that no
+        # new item can be given the id of one of them.
+        self._stale: dict[int, Issued] = {}
         self._holds: Mapping[object, int] = holds if holds is not None else {}
         self._on_advance = on_advance
         self.handled = LSN(0)
@@ -95,6 +106,8 @@ class Checkpoint:
     def done(self, item: Issued) -> None:
         """Note that *item* (issued before) is handled, by every handler and destination.
 
+        In any order: the position moves over the contiguous prefix of done items.
+
         Raises:
             ValueError: *item* was not issued, or was reported done already.
         """
@@ -108,6 +121,8 @@ class Checkpoint:
                 self._advance(end)
             return
         key = id(item)
+        if self._stale.pop(key, None) is item:
+            return  # from before a reset: the server sends it again
         if key in self._done_early or not any(p is item for p in pending):
             raise ValueError(f"{item!r} is not in flight: reported done twice, or never issued")
         self._done_early.add(key)
@@ -120,7 +135,16 @@ class Checkpoint:
             self._advance(lsn)
 
     def reset(self) -> None:
-        """Forget what is in flight: after a lost connection the server sends it again."""
+        """Forget what is in flight: after a lost connection the server sends it again.
+
+        Items issued before are *stale*: reporting one done later is
+        allowed, and changes nothing (its copy sent again counts instead).
+        """
+        self._stale.update(
+            (id(item), item)
+            for item in self._pending
+            if type(item) is not _Mark and id(item) not in self._done_early
+        )
         self._pending.clear()
         self._done_early.clear()
 

@@ -207,12 +207,15 @@ class Batch:
         end_lsn: the end of the transaction's commit record, the position
             confirmed to the server once the batch is handled; known on the
             last batch only (``None`` on the others).
+        size: the bytes of the pgoutput messages behind the batch: what
+            bounds the memory that batches in flight hold.
     """
 
     transaction: Transaction
     events: list[Event] = field(default_factory=list)
     last: bool = True
     end_lsn: LSN | None = None
+    size: int = 0
 
     @property
     def xid(self) -> int:

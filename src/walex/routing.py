@@ -39,7 +39,7 @@ from types import TracebackType
 from typing import Any, Literal, Protocol, Self, TypeAlias, runtime_checkable
 
 from .errors import Abandoned, ConfigurationError, DestinationError, HandlerError
-from .events import Event
+from .events import Batch, Event
 from .filters import unwatched_fields as _keep_update
 from .filters import watched_record as _keep_record
 from .names import TablePattern, parse_pattern, quote_name
@@ -55,6 +55,7 @@ __all__ = [
     "Destination",
     "Dispatcher",
     "ErrorPolicy",
+    "Pipeline",
     "RetryPolicy",
     "Route",
     "TablePattern",
@@ -879,6 +880,19 @@ class Dispatcher:
                 *stop_message*; else the route's own error is raised).
             Abandoned: the stop signal ended a wait to retry.
         """
+        jobs = await self.run_handlers(events)
+        if len(jobs) == 1:
+            await self._run(*jobs[0])
+        elif jobs:
+            await self._together(jobs)
+
+    async def run_handlers(self, events: Sequence[Event]) -> list[tuple[Route, list[Event]]]:
+        """Run the handler routes that want some of *events*, in order; return
+        what each destination route wants, for the caller to send.
+
+        Raises:
+            HandlerError, Abandoned: as :meth:`dispatch`.
+        """
         if not self._all_subscribed:
             events = [
                 e
@@ -886,7 +900,7 @@ class Dispatcher:
                 if e.source is None or self.subscribed(e.source.schema, e.source.table)
             ]
         if not events:
-            return
+            return []
         jobs: list[tuple[Route, list[Event]]] = []
         for route in self.routes:
             try:
@@ -906,10 +920,12 @@ class Dispatcher:
                 await self._run(route, selected)
             else:
                 jobs.append((route, selected))
-        if len(jobs) == 1:
-            await self._run(*jobs[0])
-        elif jobs:
-            await self._together(jobs)
+        return jobs
+
+    async def deliver(self, route: Route, events: list[Event]) -> None:
+        """Send *events* to *route*'s destination, with its retries and error policy,
+        then run its functions."""
+        await self._run(route, events)
 
     async def _together(self, jobs: list[tuple[Route, list[Event]]]) -> None:
         tasks = [asyncio.ensure_future(self._run(route, events)) for route, events in jobs]
@@ -1122,6 +1138,248 @@ class Dispatcher:
             return
         write = typing.cast(Callable[[DeadLetter], Any], sink)
         await _call(write, _is_async(write), letter)  # a sync sink runs in a worker thread
+
+
+class _Item:
+    """A batch in the pipeline: the destination routes still sending it."""
+
+    __slots__ = ("batch", "events", "read_at", "remaining")
+
+    def __init__(self, batch: Batch, events: int, remaining: int, read_at: float) -> None:
+        self.batch = batch
+        self.events = events
+        self.remaining = remaining
+        self.read_at = read_at
+
+
+class _Window:
+    """How many events and bytes are in flight, and the wait for room."""
+
+    def __init__(self, events: int, size: int) -> None:
+        self.max_events = events
+        self.max_size = size
+        self.events = 0
+        self.size = 0
+        self.items = 0
+        self._room = asyncio.Event()
+        self._room.set()
+
+    async def take(self, events: int, size: int) -> None:
+        # A batch bigger than the window goes alone, once nothing else is in flight.
+        while self.items and (
+            self.events + events > self.max_events or self.size + size > self.max_size
+        ):
+            self._room.clear()
+            await self._room.wait()
+        self.events += events
+        self.size += size
+        self.items += 1
+
+    def give(self, events: int, size: int) -> None:
+        self.events -= events
+        self.size -= size
+        self.items -= 1
+        self._room.set()
+
+    async def wait_empty(self, senders: Sequence[asyncio.Task[None]]) -> None:
+        """Wait for the next batch to leave the window, or a sender to fail."""
+        self._room.clear()
+        waiter: asyncio.Task[Any] = asyncio.create_task(self._room.wait())
+        waiting: set[asyncio.Task[Any]] = {waiter, *senders}
+        try:
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+
+
+Read = Callable[[], Awaitable[Batch]]
+Ack = Callable[[Batch, float], None]
+
+
+class Pipeline:
+    """Several batches in flight: destinations at the stream's pace, at least once.
+
+    One reader takes batches from the stream, runs the handler routes on
+    each (in order, as :meth:`Dispatcher.dispatch` does) and queues what
+    each destination route wants. Each destination has a sender of its own
+    that takes everything queued for it (up to the window) and sends it in
+    one :meth:`Destination.send`: many small transactions travel in one
+    round trip, and the stream reads on while the previous group is in
+    flight. A batch is acknowledged (*ack*) once every route is done with
+    it; the checkpoint confirms the contiguous prefix of acknowledged
+    batches, so nothing is confirmed before the destinations have it.
+
+    Each destination gets its events in commit order; different
+    destinations, and the handlers, may be at different batches (within
+    the window). A ``"stop"`` policy that gives up ends the run with its
+    error; what was not acknowledged is not confirmed.
+
+    Args:
+        dispatcher: the routes, their retries and error policies.
+        window_events: the most events in flight (read, not yet acknowledged).
+        window_bytes: the most pgoutput bytes behind the batches in flight.
+    """
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        *,
+        window_events: int = 20_000,
+        window_bytes: int = 64 << 20,
+    ) -> None:
+        if window_events < 1 or window_bytes < 1:
+            raise ConfigurationError("the window must hold at least one event and one byte")
+        self.dispatcher = dispatcher
+        self.window_events = window_events
+        self.window_bytes = window_bytes
+        self._window = _Window(window_events, window_bytes)
+        self._reading = False
+        self._handling = False
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def in_flight(self) -> int:
+        """Batches read and not acknowledged yet."""
+        return self._window.items
+
+    @property
+    def reading(self) -> bool:
+        """Whether the reader waits for the stream (a stop may interrupt it)."""
+        return self._reading
+
+    @property
+    def busy(self) -> bool:
+        """Whether a batch is being handled or delivered (a forced stop would cut it short)."""
+        return self._handling or self._window.items > 0
+
+    def interrupt(self) -> None:
+        """Stop waiting for the stream, if that is what the reader does (a graceful stop)."""
+        if self._reading and self._reader is not None:
+            self._reader.cancel()
+
+    async def run(
+        self,
+        read: Read,
+        ack: Ack,
+        *,
+        stop: asyncio.Event | None = None,
+        before: Callable[[Batch], Awaitable[None]] | None = None,
+    ) -> None:
+        """Deliver batches from *read* until *stop* is set or the stream ends.
+
+        Args:
+            read: returns the next batch (:meth:`walex.Stream.read`).
+            ack: called with each batch once every route is done with it, and
+                the seconds since it was read (:meth:`walex.Stream.ack`).
+            stop: once set, no batch is read any more; what was read is still
+                delivered (a wait to retry ends at once: :class:`Abandoned`).
+            before: awaited with each batch before the routes see it.
+
+        Raises:
+            HandlerError, DestinationError, Abandoned: a route gave up, or a
+                stop ended a wait to retry; what was not delivered is not
+                acknowledged.
+        """
+        stop = stop if stop is not None else asyncio.Event()
+        queues: dict[int, asyncio.Queue[tuple[_Item, list[Event]]]] = {
+            id(route): asyncio.Queue() for route in self.dispatcher.routes if route.destination
+        }
+        senders = [
+            asyncio.create_task(self._send(route, queues[id(route)], ack))
+            for route in self.dispatcher.routes
+            if route.destination is not None
+        ]
+        reader = self._reader = asyncio.create_task(self._read(read, ack, stop, before, queues))
+        watcher = asyncio.create_task(self._watch(stop))
+        try:
+            await self._until_done(reader, senders)
+        finally:
+            self._reader = None
+            for task in [reader, *senders, watcher]:
+                task.cancel()
+            await asyncio.gather(reader, *senders, watcher, return_exceptions=True)
+
+    async def _watch(self, stop: asyncio.Event) -> None:
+        # A stop while the reader waits for the stream ends that wait at once.
+        await stop.wait()
+        self.interrupt()
+
+    async def _until_done(
+        self,
+        reader: asyncio.Task[None],
+        senders: list[asyncio.Task[None]],
+    ) -> None:
+        everything: set[asyncio.Task[None]] = {reader, *senders}
+        while True:
+            done, _ = await asyncio.wait(everything, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is reader and task.cancelled():
+                    continue  # a graceful stop interrupted the wait for the stream
+                error = task.exception()
+                if error is not None:
+                    raise error
+            if reader.done():
+                break
+            everything -= done
+        # The reader has stopped: the senders finish what it queued.
+        while self._window.items:
+            for task in senders:
+                if task.done() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+            await self._window.wait_empty(senders)
+
+    async def _read(
+        self,
+        read: Read,
+        ack: Ack,
+        stop: asyncio.Event,
+        before: Callable[[Batch], Awaitable[None]] | None,
+        queues: dict[int, asyncio.Queue[tuple[_Item, list[Event]]]],
+    ) -> None:
+        dispatcher = self.dispatcher
+        window = self._window
+        while not stop.is_set():
+            self._reading = True
+            try:
+                batch = await read()
+            except StopAsyncIteration:
+                return
+            finally:
+                self._reading = False
+            read_at = time.perf_counter()
+            self._handling = True
+            if before is not None:
+                await before(batch)
+            jobs = await dispatcher.run_handlers(batch.events)
+            self._handling = False
+            if not jobs:
+                ack(batch, time.perf_counter() - read_at)
+                continue
+            count = sum(len(events) for _, events in jobs)
+            await window.take(count, batch.size)
+            item = _Item(batch, count, len(jobs), read_at)
+            for route, events in jobs:
+                queues[id(route)].put_nowait((item, events))
+
+    async def _send(
+        self, route: Route, queue: asyncio.Queue[tuple[_Item, list[Event]]], ack: Ack
+    ) -> None:
+        window = self._window
+        limit = self.window_events
+        while True:
+            group = [await queue.get()]
+            total = len(group[0][1])
+            while total < limit and not queue.empty():
+                entry = queue.get_nowait()
+                group.append(entry)
+                total += len(entry[1])
+            events = group[0][1] if len(group) == 1 else [e for _, ev in group for e in ev]
+            await self.dispatcher.deliver(route, events)
+            for item, _ in group:
+                item.remaining -= 1
+                if not item.remaining:
+                    window.give(item.events, item.batch.size)
+                    ack(item.batch, time.perf_counter() - item.read_at)
 
 
 def _append_line(path: Path, line: str) -> None:

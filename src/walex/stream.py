@@ -343,7 +343,6 @@ class Stream:
         # Whatever was received but not handled will be sent again.
         self._assembler.reset()
         self._checkpoint.reset()
-        self._inflight = None
         self._failures += 1
         delay = 0.5
         max_delay = self.options.max_reconnect_delay
@@ -411,13 +410,44 @@ class Stream:
         batch = self._inflight
         if batch is not None:
             self._inflight = None
-            self._handled_txn = batch.transaction
-            self._checkpoint.done(batch)
+            self.ack(batch)
 
-    # -- the iterator --------------------------------------------------------
+    def ack(self, batch: Batch) -> None:
+        """Note that *batch*, from :meth:`read`, is handled: every change of it.
 
-    async def __anext__(self) -> Batch:
-        self._mark_handled()
+        Batches may be acknowledged in any order; the position confirmed to
+        the server moves over the ones that are handled together with every
+        batch before them. A batch read before a lost connection may still
+        be acknowledged: the server sends it again, and its copy counts.
+
+        Raises:
+            ValueError: *batch* was acknowledged before, or not read from this stream.
+        """
+        txn = batch.transaction
+        newest = self._handled_txn
+        if newest is None or txn.commit_lsn >= newest.commit_lsn:
+            self._handled_txn = txn
+        self._checkpoint.done(batch)
+
+    @property
+    def in_flight(self) -> int:
+        """Batches read and not acknowledged yet."""
+        return self._checkpoint.in_flight
+
+    # -- reading -------------------------------------------------------------
+
+    async def read(self) -> Batch:
+        """The next batch, which stays unconfirmed until :meth:`ack` is called for it.
+
+        For consumers that keep several batches in flight (destinations
+        that pipeline): read ahead, acknowledge each batch when it is
+        handled, in any order. ``async for batch in stream`` is the simple
+        form: each batch counts as handled when the next one is asked for.
+        Use one form or the other on a stream, not both.
+
+        Raises:
+            StopAsyncIteration: the stream is closed.
+        """
         if not self._opened:
             await self.open()
         if self._closed:
@@ -429,11 +459,18 @@ class Stream:
                 item = ready.popleft()
                 if type(item) is Batch:
                     checkpoint.issue(item)
-                    self._inflight = item
                     self._failures = 0
                     return item
                 checkpoint.mark(item)  # type: ignore[arg-type]
             await self._fill()
+
+    # -- the iterator --------------------------------------------------------
+
+    async def __anext__(self) -> Batch:
+        self._mark_handled()
+        batch = await self.read()
+        self._inflight = batch
+        return batch
 
     async def _fill(self) -> None:
         """Read, decode and describe until at least one batch or position is ready."""

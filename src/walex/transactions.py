@@ -371,7 +371,7 @@ class Assembler:
     def _cut_if_full(self, txn: Transaction) -> None:
         """Hand on the batch being built once it holds enough events or bytes."""
         if len(self._events) >= self.max_batch_events or self._batch_bytes >= self.max_batch_bytes:
-            self.ready.append(Batch(txn, self._events, False))
+            self.ready.append(Batch(txn, self._events, False, None, self._batch_bytes))
             self._events = []
             self._batch_bytes = 0
 
@@ -456,7 +456,7 @@ class Assembler:
         # Outside a transaction: a batch of its own, confirmed once handled.
         own = Transaction(0, msg.lsn, _timestamp(self._clock))
         event = message_event(msg.prefix, msg.content, msg.transactional, msg.lsn, 0, own)
-        self.ready.append(Batch(own, [event], True, msg.lsn))
+        self.ready.append(Batch(own, [event], True, msg.lsn, len(msg.content)))
 
     # -- transaction boundaries ------------------------------------------------------
 
@@ -473,7 +473,7 @@ class Assembler:
         if txn is None:
             raise DecodeError("a commit without a transaction", end_lsn)
         if self._seq:
-            self.ready.append(Batch(txn, self._events, True, end_lsn))
+            self.ready.append(Batch(txn, self._events, True, end_lsn, self._batch_bytes))
         else:
             self.ready.append(end_lsn)
         self._events = []

@@ -22,6 +22,7 @@ from ..routing import (
     Destination,
     Dispatcher,
     ErrorPolicy,
+    Pipeline,
     RetryPolicy,
     send_with_retry,
 )
@@ -174,29 +175,40 @@ async def deliver(
     policy: RetryPolicy | None = None,
     dead_letter: DeadLetterSink | None = None,
     stop: asyncio.Event | None = None,
+    window_events: int = 20_000,
+    window_bytes: int = 64 << 20,
 ) -> None:
     """Deliver every batch of an open *stream* to *destinations*, at least once.
 
-    Each batch is handed on only after every destination that wants some of
-    its events has accepted them (or, by its route's policy, skipped or
-    dead-lettered them). Returns when the stream ends or *stop* is set;
-    raises when a destination with ``on_error="stop"`` gives up. Either way
-    the stream has confirmed only what was delivered.
+    Delivery is pipelined (:class:`walex.routing.Pipeline`): the stream reads
+    ahead while the destinations send, and each destination gets everything
+    that is waiting for it (many small transactions) in one ``send``, up to
+    the window. A batch is confirmed to Postgres only after every
+    destination that wants some of its events has accepted them (or, by its
+    route's policy, skipped or dead-lettered them), and every batch before
+    it too. Returns when the stream ends or *stop* is set; raises when a
+    destination with ``on_error="stop"`` gives up. Either way the stream has
+    confirmed only what was delivered.
 
     Args:
-        stream: an open :class:`walex.Stream` (inside its ``async with``).
+        stream: an open :class:`walex.Stream` (inside its ``async with``);
+            read with :meth:`~walex.Stream.read` and
+            :meth:`~walex.Stream.ack`, not iterated.
         destinations: :class:`Route` objects or destinations.
         tables, types, on_error, retries, policy, dead_letter: the defaults
             for bare destinations (see :class:`Route`).
-        stop: once set, return after the batch in hand (or the next one). A
-            destination waiting to retry stops waiting at once; the stream
-            is then closed without confirming the batch in hand.
+        stop: once set, no more batches are read; what was read is
+            delivered, then it returns. A destination waiting to retry
+            stops waiting at once; that transaction is not confirmed.
+        window_events, window_bytes: the most events, and pgoutput bytes,
+            read and not yet delivered.
 
     Example::
 
         async with walex.connect(dsn, publication="app", slot="cdc", durable=True) as stream:
             await deliver(stream, [RedisStreams(stream="cdc:{table}")], retries=None)
     """
+    stop = stop if stop is not None else asyncio.Event()
     async with Deliverer(
         destinations,
         tables=tables,
@@ -207,18 +219,14 @@ async def deliver(
         dead_letter=dead_letter,
         stop=stop,
     ) as deliverer:
-        if stop is not None and stop.is_set():
+        if stop.is_set():
             return
+        pipeline = Pipeline(deliverer, window_events=window_events, window_bytes=window_bytes)
         try:
-            async for batch in stream:
-                await deliverer.handle(batch)
-                if stop is not None and stop.is_set():
-                    return
+            await pipeline.run(stream.read, lambda batch, _: stream.ack(batch), stop=stop)
         except Abandoned:
             logger.warning(
-                "stopped while a destination was waiting to retry; the transaction in hand is "
-                "not confirmed and comes again on restart"
+                "stopped while a destination was waiting to retry; the transactions in flight "
+                "are not confirmed and come again on restart"
             )
-            # Closing now sends the position of what was delivered, not of the
-            # batch in hand, which was never marked handled.
             await stream.aclose()
