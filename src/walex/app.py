@@ -762,7 +762,10 @@ class WalEx:
     async def _serve(self, stream: Stream) -> None:
         stopping = self._stopping
         assert stopping is not None
-        pipeline = self._pipeline = Pipeline(self._dispatcher)
+        s = self.settings
+        pipeline = self._pipeline = Pipeline(
+            self._dispatcher, window_events=s.window_events, window_bytes=s.window_bytes
+        )
         try:
             await pipeline.run(stream.read, self._acked(stream), stop=stopping, before=self._before)
         except Abandoned:

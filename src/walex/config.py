@@ -99,6 +99,12 @@ _APP = {
     "on_error": _Spec("choice", "what to do when retries are used up", POLICIES),
     "dead_letter": _Spec("dead_letter", "a callable, or the path of a JSON-lines file"),
     "stop_timeout": _Spec("float", "seconds a graceful stop waits for handlers", minimum=0),
+    "window_events": _Spec(
+        "int", "the most events read and not yet delivered: at least 1", minimum=1
+    ),
+    "window_bytes": _Spec(
+        "int", "the most bytes of changes read and not yet delivered: at least 1", minimum=1
+    ),
 }
 # The engine's options come from the one place that defines them.
 _ENGINE = {
@@ -142,6 +148,9 @@ class Settings:
         on_error: ``"stop"``, ``"skip"`` or ``"dead_letter"``.
         dead_letter: a callable or a file path, for ``on_error="dead_letter"``.
         stop_timeout: how long a graceful stop waits for running handlers.
+        window_events: the most events read and not yet delivered to every
+            destination (pipelined delivery).
+        window_bytes: the most pgoutput bytes behind them.
         engine: the options handed to :func:`walex.connect`.
     """
 
@@ -157,6 +166,8 @@ class Settings:
     on_error: ErrorPolicy
     dead_letter: Callable[..., Any] | Path | None
     stop_timeout: float | None
+    window_events: int
+    window_bytes: int
     engine: Mapping[str, Any]
 
     @property
@@ -309,6 +320,8 @@ def validate(values: Mapping[str, Any], *, from_text: frozenset[str] = frozenset
         on_error=on_error,
         dead_letter=dead_letter,
         stop_timeout=checked.get("stop_timeout"),
+        window_events=checked.get("window_events") or 20_000,
+        window_bytes=checked.get("window_bytes") or 64 << 20,
         engine={k: checked[k] for k in ENGINE_OPTIONS if checked.get(k) is not None},
     )
 
