@@ -71,6 +71,11 @@ class Catalog:
         self.adapters = make_adapters()
         self.resolver = TypeResolver(self.adapters)
         self._type_names: dict[tuple[int, int], str] = {}
+        # What describe() needs of each published table, fetched for all of
+        # them at once: relation OID → (column names and type OIDs, primary key).
+        self._tables: dict[int, tuple[tuple[tuple[str, int], ...], tuple[str, ...]]] = {}
+        self._publications: list[str] = []
+        self._described: set[int] = set()  # relation OIDs described on this connection
         self.database = ""
         #: Whether row values come in binary: a table with a type psycopg
         #: cannot read in binary turns it off (see :class:`BinaryUnsupported`).
@@ -105,6 +110,51 @@ class Catalog:
 
     # -- tables --------------------------------------------------------------
 
+    async def prefetch(self, publications: Sequence[str]) -> None:
+        """Look up every published table at once: what :meth:`describe` needs.
+
+        One query for the tables' columns, type names and primary keys, one
+        batch for the types psycopg does not know: so that a stream over
+        thousands of tables does not make a round trip per table.
+        """
+        self._publications = list(publications)
+        self._described.clear()
+        await self._fetch_tables(await self._lookup_connection())
+
+    async def _fetch_tables(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        cur = await conn.execute(
+            """
+            SELECT c.oid::int8,
+                   array_agg(a.attname::text ORDER BY a.attnum),
+                   array_agg(a.atttypid::int8 ORDER BY a.attnum),
+                   array_agg(a.atttypmod ORDER BY a.attnum),
+                   array_agg(format_type(a.atttypid, NULLIF(a.atttypmod, -1)) ORDER BY a.attnum),
+                   coalesce((
+                     SELECT array_agg(k.attname::text ORDER BY u.n)
+                       FROM pg_index i
+                       JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS u(attnum, n) ON true
+                       JOIN pg_attribute k ON k.attrelid = i.indrelid AND k.attnum = u.attnum
+                      WHERE i.indrelid = c.oid AND i.indisprimary
+                   ), '{}')
+              FROM (SELECT DISTINCT schemaname, tablename FROM pg_publication_tables
+                     WHERE pubname = ANY(%s)) pt
+              JOIN pg_namespace n ON n.nspname = pt.schemaname
+              JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
+              JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+             WHERE NOT c.oid = ANY(%s)
+             GROUP BY c.oid
+            """,
+            (self._publications, [*self._tables, *self._described]),
+        )
+        oids: set[int] = set()
+        for relid, names, types, mods, type_names, pkey in await cur.fetchall():
+            self._tables[relid] = (tuple(zip(names, types, strict=True)), tuple(pkey))
+            for t, m, name in zip(types, mods, type_names, strict=True):
+                self._type_names[(t, m)] = name
+            oids.update(types)
+        if self.resolver.unknown(list(oids)):
+            await self.resolver.resolve(conn, list(oids))
+
     async def describe(self, msg: Relation) -> RelationCodec:
         """The codec of the table that *msg* describes, with its types loadable.
 
@@ -117,10 +167,11 @@ class Catalog:
         for attempt in (1, 2):
             conn = await self._lookup_connection()
             try:
+                known = await self._known_key(conn, msg)
                 if self.resolver.unknown(oids):
                     await self.resolver.resolve(conn, oids)
                 names = await self._type_names_for(conn, msg)
-                pkey = await self._primary_key(conn, msg.oid)
+                pkey = known if known is not None else await self._primary_key(conn, msg.oid)
                 break
             except psycopg.OperationalError as exc:
                 # The SQL connection went away while idle (a timeout, a
@@ -138,6 +189,27 @@ class Catalog:
             self.require_binary_loaders(oids)
         source = make_source(msg, self.database, names, pkey)
         return RelationCodec(msg, source, self.adapters)
+
+    async def _known_key(
+        self, conn: psycopg.AsyncConnection[Any], msg: Relation
+    ) -> tuple[str, ...] | None:
+        """The primary key fetched in bulk, when it still describes this table's shape.
+
+        Only for the first description of a table on a connection: a later
+        Relation message means its shape changed, and it is looked up anew.
+        """
+        if msg.oid in self._described:
+            return None
+        if msg.oid not in self._tables and self._publications:
+            await self._fetch_tables(conn)  # a table new since: fetch every new one at once
+        self._described.add(msg.oid)
+        known = self._tables.pop(msg.oid, None)
+        if known is None:
+            return None
+        columns, pkey = known
+        if columns != tuple((c.name, c.type_oid) for c in msg.columns):
+            return None
+        return pkey
 
     async def check_binary(self, publications: Sequence[str]) -> None:
         """Turn binary off if a published column has a type psycopg cannot read in binary."""

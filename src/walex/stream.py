@@ -249,6 +249,7 @@ class Stream:
         )
         self._catalog.database = facts.database
         self.protocol_version = protocol_version(facts.version_num)
+        await self._catalog.prefetch(self.publications)
         if self._catalog.binary:
             await self._catalog.check_binary(self.publications)
         slot = facts.slot
