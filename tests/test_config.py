@@ -339,7 +339,7 @@ def test_the_delivery_window_is_a_setting() -> None:
     app = WalEx(publication="p", window_events=100, window_bytes=1 << 20)
     assert (app.settings.window_events, app.settings.window_bytes) == (100, 1 << 20)
     default = WalEx(publication="p").settings
-    assert (default.window_events, default.window_bytes) == (20_000, 64 << 20)
+    assert (default.window_events, default.window_bytes) == (20_000, 8 << 20)
     with pytest.raises(ConfigurationError, match="window_events must be"):
         WalEx(publication="p", window_events=0)
     env = WalEx.from_env({"WALEX_PUBLICATION": "p", "WALEX_WINDOW_BYTES": "4096"})

@@ -321,7 +321,7 @@ def validate(values: Mapping[str, Any], *, from_text: frozenset[str] = frozenset
         dead_letter=dead_letter,
         stop_timeout=checked.get("stop_timeout"),
         window_events=checked.get("window_events") or 20_000,
-        window_bytes=checked.get("window_bytes") or 64 << 20,
+        window_bytes=checked.get("window_bytes") or 8 << 20,
         engine={k: checked[k] for k in ENGINE_OPTIONS if checked.get(k) is not None},
     )
 

@@ -1225,7 +1225,7 @@ class Pipeline:
         dispatcher: Dispatcher,
         *,
         window_events: int = 20_000,
-        window_bytes: int = 64 << 20,
+        window_bytes: int = 8 << 20,
     ) -> None:
         if window_events < 1 or window_bytes < 1:
             raise ConfigurationError("the window must hold at least one event and one byte")

@@ -176,7 +176,7 @@ async def deliver(
     dead_letter: DeadLetterSink | None = None,
     stop: asyncio.Event | None = None,
     window_events: int = 20_000,
-    window_bytes: int = 64 << 20,
+    window_bytes: int = 8 << 20,
 ) -> None:
     """Deliver every batch of an open *stream* to *destinations*, at least once.
 
