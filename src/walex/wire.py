@@ -62,14 +62,16 @@ _IP = (IPv4Address, IPv6Address, IPv4Interface, IPv6Interface, IPv4Network, IPv6
 
 def encode_value(value: Any) -> Any:
     """A JSON-ready form of one column value (see the module's table)."""
+    cls = type(value)
+    if cls in _AS_IS:
+        return value
+    exact = _EXACT.get(cls)
+    if exact is not None:
+        return exact(value)
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
-        if math.isnan(value):
-            return "NaN"
-        if math.isinf(value):
-            return "Infinity" if value > 0 else "-Infinity"
-        return value
+        return _float(value)
     if isinstance(value, Decimal):
         return str(value)
     if isinstance(value, (datetime, date, time)):
@@ -106,10 +108,36 @@ def _duration(td: timedelta) -> str:
     return f"P{td.days}DT{text}S"
 
 
+def _float(value: float) -> float | str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    return value
+
+
+# The common types, found by their exact type before the isinstance chain
+# (the answer the chain gives them: a subclass still takes the chain).
+_AS_IS = frozenset({str, int, bool, type(None)})
+_EXACT: dict[type, Callable[[Any], Any]] = {
+    float: _float,
+    Decimal: str,
+    datetime: datetime.isoformat,
+    date: date.isoformat,
+    time: time.isoformat,
+    timedelta: _duration,
+    UUID: str,
+    bytes: lambda value: "\\x" + value.hex(),
+    dict: lambda value: {str(k): encode_value(v) for k, v in value.items()},
+    list: lambda value: [encode_value(v) for v in value],
+    tuple: lambda value: [encode_value(v) for v in value],
+}
+
+
 def _record(record: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if record is None:
         return None
-    return {k: encode_value(v) for k, v in record.items()}
+    return {k: v if type(v) in _AS_IS else encode_value(v) for k, v in record.items()}
 
 
 def to_dict(event: Event) -> dict[str, Any]:
