@@ -1,10 +1,12 @@
 /*
- * walex.pgoutput._speedups: the one hot loop of the decoder, in C.
+ * walex._accel._speedups: the hot paths, in C.
  *
- * read_tuple() does what decoder.read_tuple() does in Python (that version
- * stays as the reference and the fallback; the tests check that both agree
- * on real and on damaged input). Building this module is optional: without
- * a compiler walex still works, only slower.
+ * read_tuple() does what decoder.read_tuple() does in Python, row_events()
+ * turns frames into Events, json_loads() parses json/jsonb values, and
+ * encode_event() writes an Event's wire bytes (walex.wire.dumpb). Each
+ * Python version stays as the reference and the fallback; the tests check
+ * that both agree. Building this module is optional: without a compiler
+ * walex still works, only slower.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -1370,10 +1372,12 @@ wb_key(wb_t *w, PyObject *k)
     int rc = wb_str(w, k);
     Py_ssize_t n = w->len - start;
     if (rc == ENC_OK && PyUnicode_CheckExact(k) && n <= (Py_ssize_t)sizeof(slot->text)) {
+        PyObject *old = slot->key;
         Py_INCREF(k);
-        Py_XSETREF(slot->key, k);
+        slot->key = k;
         memcpy(slot->text, w->buf + start, (size_t)n);
         slot->len = n;
+        Py_XDECREF(old);
     }
     return rc;
 }
@@ -2220,13 +2224,16 @@ src_info_get(PyObject *source, src_info_t *info)
     }
     if ((PyObject *)Py_TYPE(source) == source_type && PyUnicode_CheckExact(schema) &&
         PyUnicode_CheckExact(table)) {
+        /* The old entry is let go of last: its objects' deallocation may
+         * run code that encodes (and fills the cache) again. */
+        src_info_t old = src_cache;
         Py_INCREF(source);
         info->key = source;
-        src_info_clear(&src_cache);
         src_cache = *info;
         Py_INCREF(info->key);
         Py_INCREF(info->head);
         Py_XINCREF(info->pk);
+        src_info_clear(&old);
     }
     rc = ENC_OK;
 done:
@@ -2296,12 +2303,13 @@ txn_info_get(PyObject *txn, txn_info_t *info)
         goto done;
     }
     if ((PyObject *)Py_TYPE(txn) == txn_type && fixed && PyLong_CheckExact(xid)) {
+        txn_info_t old = txn_cache;     /* let go of last, as above */
         Py_INCREF(txn);
         info->key = txn;
-        txn_info_clear(&txn_cache);
         txn_cache = *info;
         Py_INCREF(info->key);
         Py_INCREF(info->text);
+        txn_info_clear(&old);
     }
     rc = ENC_OK;
 done:
