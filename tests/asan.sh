@@ -49,4 +49,5 @@ print('sanitized build:', s.__file__)
 "
 python -m pytest -p no:cacheprovider -q --capture=sys \
     tests/pgoutput/test_decoder.py tests/test_values_json.py tests/test_transactions_fast_path.py tests/test_transactions.py \
-    tests/test_values.py tests/test_events_identity.py tests/test_stream.py tests/test_transactions_protocol.py "$@"
+    tests/test_values.py tests/test_events_identity.py tests/test_stream.py tests/test_transactions_protocol.py \
+    tests/test_wire.py tests/test_wire_encoder.py "$@"

@@ -3,7 +3,8 @@
 ``_speedups`` (``_speedups.c``) does in C what the hot path does most: the
 tuple data of a pgoutput message (:mod:`walex.pgoutput`), a run of row
 changes from frame to :class:`~walex.Event` (:mod:`walex.transactions`),
-and JSON values (:mod:`walex.values`). Each of those modules asks this one
+JSON values (:mod:`walex.values`), and an event to its wire bytes
+(:mod:`walex.wire`). Each of those modules asks this one
 for :data:`speedups` and uses its pure-Python code when it is ``None``; the
 answers are the same either way (the tests run both).
 
@@ -56,13 +57,34 @@ def _setup(ext: ModuleType) -> None:
     # The types the extension makes and raises. Imported here, after
     # `speedups` is bound, because pgoutput's decoder asks this module for
     # `speedups` while the pgoutput package (which owns some of them) loads.
+    # The value types after them are those the wire encoder writes itself
+    # (walex.wire's table; datetime's types it knows through the datetime
+    # module's C API). What it does not know goes to wire.encode_value, which
+    # wire hands it with each call: this module is below wire.
+    from decimal import Decimal
+    from enum import Enum
+    from ipaddress import (
+        IPv4Address,
+        IPv4Interface,
+        IPv4Network,
+        IPv6Address,
+        IPv6Interface,
+        IPv6Network,
+    )
+    from uuid import UUID
+
+    from psycopg.types.multirange import Multirange
+    from psycopg.types.range import Range
+
     from ..errors import DecodeError
-    from ..events import Event
+    from ..events import Event, Source, Transaction
     from ..lsn import LSN
     from ..pgoutput.messages import UNCHANGED_TOAST, TupleData
 
     ext.setup(UNCHANGED_TOAST, TupleData, DecodeError)
     ext.setup_events(Event, LSN, frozenset())
+    ips = (IPv4Address, IPv6Address, IPv4Interface, IPv6Interface, IPv4Network, IPv6Network)
+    ext.setup_wire(Source, Transaction, Decimal, UUID, Range, Multirange, Enum, ips)
     if orjson is not None:
         ext.setup_json(orjson.loads, orjson.JSONDecodeError, json.loads)
     else:  # pragma: no cover

@@ -1,10 +1,12 @@
 /*
- * walex.pgoutput._speedups: the one hot loop of the decoder, in C.
+ * walex._accel._speedups: the hot paths, in C.
  *
- * read_tuple() does what decoder.read_tuple() does in Python (that version
- * stays as the reference and the fallback; the tests check that both agree
- * on real and on damaged input). Building this module is optional: without
- * a compiler walex still works, only slower.
+ * read_tuple() does what decoder.read_tuple() does in Python, row_events()
+ * turns frames into Events, json_loads() parses json/jsonb values, and
+ * encode_event() writes an Event's wire bytes (walex.wire.dumpb). Each
+ * Python version stays as the reference and the fallback; the tests check
+ * that both agree. Building this module is optional: without a compiler
+ * walex still works, only slower.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -1024,7 +1026,1449 @@ row_events(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                          (unsigned long long)max_end, (long long)clock);
 }
 
+/* ---------------------------------------------------------------------
+ * encode_event(): an Event to its wire bytes, the document walex.wire.dumps
+ * writes (wire.to_dict encoded by json.dumps with ensure_ascii=False and
+ * separators (",", ":")), UTF-8 encoded, byte for byte.
+ *
+ * Each value is written as json.dumps would write wire.encode_value(value).
+ * The C code writes the exact types it knows (None, bool, int, str, float,
+ * Decimal, datetime, date, time, timedelta, UUID, the ipaddress types, bytes,
+ * bytearray, memoryview, dict, list, tuple, psycopg's Range and Multirange,
+ * plain Enums); any other value goes to the fallback the caller passes
+ * (wire.encode_value), whose JSON-ready answer is then written as json.dumps
+ * writes it. Where the C code is unsure about the event itself (a field of
+ * an unexpected type, a string json.dumps would write but UTF-8 cannot hold,
+ * nesting deeper than ENC_MAX_DEPTH, an exception from Python code), it
+ * returns None and the caller takes the pure-Python path, whose answer or
+ * exception stands.
+ * --------------------------------------------------------------------- */
+#include <datetime.h>
+#include <math.h>
+
+#define ENC_OK 0
+#define ENC_ERR (-1)        /* an exception is set */
+#define ENC_UNSURE 1        /* this value is not for the C code: ask the fallback */
+#define ENC_GIVEUP 2        /* the event is not for the C code: the Python path */
+#define ENC_MAX_DEPTH 100
+
+static PyObject *source_type = NULL;    /* walex.events.Source */
+static PyObject *txn_type = NULL;       /* walex.events.Transaction */
+static PyObject *decimal_type = NULL;   /* decimal.Decimal */
+static PyObject *uuid_type = NULL;      /* uuid.UUID */
+static PyObject *range_type = NULL;     /* psycopg.types.range.Range */
+static PyObject *multirange_type = NULL;/* psycopg.types.multirange.Multirange */
+static PyObject *enum_type = NULL;      /* enum.Enum */
+static PyObject *ip_types = NULL;       /* the six ipaddress classes, a tuple */
+static PyObject *s_schema, *s_table, *s_replica_identity, *s_primary_key, *s_xid,
+    *s_commit_lsn, *s_commit_timestamp, *s_lower, *s_upper, *s_bounds, *s_isempty,
+    *s_value, *s_utcoffset, *s_isoformat, *s_int;
+
+static PyObject *
+setup_wire(PyObject *self, PyObject *args)
+{
+    PyObject *src, *txn, *dec, *uid, *rng, *mrng, *enm, *ips;
+    if (!PyArg_ParseTuple(args, "OOOOOOOO!", &src, &txn, &dec, &uid, &rng, &mrng, &enm,
+                          &PyTuple_Type, &ips))
+        return NULL;
+    if (!PyType_Check(src) || !PyType_Check(txn) || !PyType_Check(dec) || !PyType_Check(uid) ||
+        !PyType_Check(rng) || !PyType_Check(mrng) || !PyType_Check(enm)) {
+        PyErr_SetString(PyExc_TypeError, "setup_wire() takes types");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(ips); i++) {
+        if (!PyType_Check(PyTuple_GET_ITEM(ips, i))) {
+            PyErr_SetString(PyExc_TypeError, "ip_types must be a tuple of types");
+            return NULL;
+        }
+    }
+    if (PyDateTimeAPI == NULL) {
+        PyDateTime_IMPORT;
+        if (PyDateTimeAPI == NULL)
+            return NULL;
+    }
+    if (s_schema == NULL) {
+#define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
+        INTERN(s_schema, "schema");
+        INTERN(s_table, "table");
+        INTERN(s_replica_identity, "replica_identity");
+        INTERN(s_primary_key, "primary_key");
+        INTERN(s_xid, "xid");
+        INTERN(s_commit_lsn, "commit_lsn");
+        INTERN(s_commit_timestamp, "commit_timestamp");
+        INTERN(s_lower, "lower");
+        INTERN(s_upper, "upper");
+        INTERN(s_bounds, "bounds");
+        INTERN(s_isempty, "isempty");
+        INTERN(s_value, "value");
+        INTERN(s_utcoffset, "utcoffset");
+        INTERN(s_isoformat, "isoformat");
+        INTERN(s_int, "int");
+#undef INTERN
+    }
+    Py_INCREF(src); Py_XSETREF(source_type, src);
+    Py_INCREF(txn); Py_XSETREF(txn_type, txn);
+    Py_INCREF(dec); Py_XSETREF(decimal_type, dec);
+    Py_INCREF(uid); Py_XSETREF(uuid_type, uid);
+    Py_INCREF(rng); Py_XSETREF(range_type, rng);
+    Py_INCREF(mrng); Py_XSETREF(multirange_type, mrng);
+    Py_INCREF(enm); Py_XSETREF(enum_type, enm);
+    Py_INCREF(ips); Py_XSETREF(ip_types, ips);
+    Py_RETURN_NONE;
+}
+
+/* The output: a buffer on the C stack, moved to the heap when it fills. */
+typedef struct {
+    char *buf;
+    Py_ssize_t len;
+    Py_ssize_t cap;
+    int depth;
+    PyObject *fallback;     /* wire.encode_value */
+    char inline_buf[2048];
+} wb_t;
+
+static int
+wb_grow(wb_t *w, Py_ssize_t need)
+{
+    if (need > PY_SSIZE_T_MAX / 2 - w->len) {
+        PyErr_NoMemory();
+        return ENC_ERR;
+    }
+    Py_ssize_t cap = w->cap * 2;
+    if (cap < w->len + need)
+        cap = w->len + need;
+    char *buf;
+    if (w->buf == w->inline_buf) {
+        buf = PyMem_Malloc((size_t)cap);
+        if (buf != NULL)
+            memcpy(buf, w->buf, (size_t)w->len);
+    }
+    else {
+        buf = PyMem_Realloc(w->buf, (size_t)cap);
+    }
+    if (buf == NULL) {
+        PyErr_NoMemory();
+        return ENC_ERR;
+    }
+    w->buf = buf;
+    w->cap = cap;
+    return ENC_OK;
+}
+
+/* Room for *need* more bytes. */
+static inline int
+wb_room(wb_t *w, Py_ssize_t need)
+{
+    return need <= w->cap - w->len ? ENC_OK : wb_grow(w, need);
+}
+
+static int
+wb_write(wb_t *w, const char *s, Py_ssize_t n)
+{
+    if (wb_room(w, n) < 0)
+        return ENC_ERR;
+    memcpy(w->buf + w->len, s, (size_t)n);
+    w->len += n;
+    return ENC_OK;
+}
+
+/* A string literal: its length is known here, so the copy is inlined. */
+#define WB_LIT(w, lit)                                                        \
+    (wb_room((w), (Py_ssize_t)(sizeof(lit) - 1)) < 0                          \
+         ? ENC_ERR                                                            \
+         : (memcpy((w)->buf + (w)->len, (lit), sizeof(lit) - 1),              \
+            (w)->len += (Py_ssize_t)(sizeof(lit) - 1), ENC_OK))
+
+static inline int
+wb_byte(wb_t *w, char c)
+{
+    if (wb_room(w, 1) < 0)
+        return ENC_ERR;
+    w->buf[w->len++] = c;
+    return ENC_OK;
+}
+
+static const char hexdigits[] = "0123456789abcdef";
+
+/* An int as an unsigned 64-bit number; -1 with OverflowError set when it is
+ * negative or larger. (PyLong_AsUnsignedLong where long has 64 bits: the
+ * long long version takes a slower, general path.) */
+static inline unsigned long long
+as_u64(PyObject *v)
+{
+#if SIZEOF_LONG >= 8
+    return (unsigned long long)PyLong_AsUnsignedLong(v);
+#else
+    return PyLong_AsUnsignedLongLong(v);
+#endif
+}
+
+/* Which ASCII characters json.dumps escapes, and how: 0 none, 1 \u00XX,
+ * else the letter after the backslash. */
+static char esc_ascii[128];
+
+static void
+init_esc(void)
+{
+    for (int c = 0; c < 0x20; c++)
+        esc_ascii[c] = 1;
+    esc_ascii['\b'] = 'b';
+    esc_ascii['\f'] = 'f';
+    esc_ascii['\n'] = 'n';
+    esc_ascii['\r'] = 'r';
+    esc_ascii['\t'] = 't';
+    esc_ascii['"'] = '"';
+    esc_ascii['\\'] = '\\';
+}
+
+static inline char *
+put_esc(char *o, unsigned c)
+{
+    char e = esc_ascii[c];
+    *o++ = '\\';
+    if (e == 1) {
+        *o++ = 'u';
+        *o++ = '0';
+        *o++ = '0';
+        *o++ = hexdigits[c >> 4];
+        *o++ = hexdigits[c & 0xF];
+    }
+    else {
+        *o++ = e;
+    }
+    return o;
+}
+
+/* Whether any of 8 ASCII bytes is one json.dumps escapes: below 0x20, '"'
+ * or '\\' (exact for bytes below 0x80: a borrow needs a byte that matches). */
+static inline int
+swar_escapes(uint64_t x)
+{
+    const uint64_t ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL;
+    uint64_t quote = x ^ (ones * '"'), backslash = x ^ (ones * '\\');
+    return (((x - ones * 0x20) & ~x) | ((quote - ones) & ~quote) |
+            ((backslash - ones) & ~backslash)) & highs ? 1 : 0;
+}
+
+/* A str as json.dumps(s, ensure_ascii=False) writes it, UTF-8 encoded.
+ * A lone surrogate, which json.dumps writes and UTF-8 cannot encode, gives
+ * the event up: the Python path raises what it raises. */
+static int
+wb_str(wb_t *w, PyObject *s)
+{
+#if PY_VERSION_HEX < 0x030C0000
+    if (PyUnicode_READY(s) < 0)
+        return ENC_ERR;
+#endif
+    Py_ssize_t n = PyUnicode_GET_LENGTH(s);
+    int kind = PyUnicode_KIND(s);
+    const void *data = PyUnicode_DATA(s);
+    if (n > (PY_SSIZE_T_MAX - 2) / 6) {
+        PyErr_NoMemory();
+        return ENC_ERR;
+    }
+    if (PyUnicode_IS_ASCII(s)) {
+        const unsigned char *p = data;
+        /* Mostly nothing to escape: look at 8 bytes at a time (the last
+         * ones padded with 'a'), then copy the whole string. */
+        Py_ssize_t i = 0;
+        int clean = 1;
+        for (; i + 8 <= n; i += 8) {
+            uint64_t x;
+            memcpy(&x, p + i, 8);
+            if (swar_escapes(x)) {
+                clean = 0;
+                break;
+            }
+        }
+        if (clean && i < n) {
+            uint64_t x = 0x6161616161616161ULL;
+            memcpy(&x, p + i, (size_t)(n - i));
+            clean = !swar_escapes(x);
+        }
+        if (wb_room(w, n + 2) < 0)
+            return ENC_ERR;
+        char *o = w->buf + w->len;
+        *o++ = '"';
+        if (clean) {
+            memcpy(o, p, (size_t)n);
+            o += n;
+        }
+        else {
+            Py_ssize_t run = 0;
+            for (i = 0; i < n; i++) {
+                if (esc_ascii[p[i]]) {
+                    memcpy(o, p + run, (size_t)(i - run));
+                    o += i - run;
+                    w->len = o - w->buf;
+                    if (wb_room(w, 6 + (n - i) + 1) < 0)
+                        return ENC_ERR;
+                    o = put_esc(w->buf + w->len, p[i]);
+                    run = i + 1;
+                }
+            }
+            memcpy(o, p + run, (size_t)(n - run));
+            o += n - run;
+        }
+        *o++ = '"';
+        w->len = o - w->buf;
+        return ENC_OK;
+    }
+    /* Non-ASCII: at most 6 bytes out per character (an escape). */
+    if (wb_room(w, 6 * n + 2) < 0)
+        return ENC_ERR;
+    char *o = w->buf + w->len;
+    *o++ = '"';
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_UCS4 c = PyUnicode_READ(kind, data, i);
+        if (c < 0x80) {
+            if (esc_ascii[c])
+                o = put_esc(o, c);
+            else
+                *o++ = (char)c;
+        }
+        else if (c < 0x800) {
+            *o++ = (char)(0xC0 | (c >> 6));
+            *o++ = (char)(0x80 | (c & 0x3F));
+        }
+        else if (c < 0x10000) {
+            if (c >= 0xD800 && c <= 0xDFFF)
+                return ENC_GIVEUP;
+            *o++ = (char)(0xE0 | (c >> 12));
+            *o++ = (char)(0x80 | ((c >> 6) & 0x3F));
+            *o++ = (char)(0x80 | (c & 0x3F));
+        }
+        else {
+            *o++ = (char)(0xF0 | (c >> 18));
+            *o++ = (char)(0x80 | ((c >> 12) & 0x3F));
+            *o++ = (char)(0x80 | ((c >> 6) & 0x3F));
+            *o++ = (char)(0x80 | (c & 0x3F));
+        }
+    }
+    *o++ = '"';
+    w->len = o - w->buf;
+    return ENC_OK;
+}
+
+/* Object keys (column names, jsonb keys) are the same str objects from event
+ * to event: the JSON of a short one is kept in a small direct-mapped cache,
+ * found again by the object's address (the cache holds a reference, so the
+ * address is not reused; an exact str does not change). */
+#define KEY_SLOTS 512
+typedef struct {
+    PyObject *key;
+    Py_ssize_t len;
+    char text[48];
+} key_slot_t;
+static key_slot_t key_cache[KEY_SLOTS];
+
+static int
+wb_key(wb_t *w, PyObject *k)
+{
+    key_slot_t *slot = &key_cache[((uintptr_t)k >> 4) % KEY_SLOTS];
+    if (slot->key == k)
+        return wb_write(w, slot->text, slot->len);
+    Py_ssize_t start = w->len;
+    int rc = wb_str(w, k);
+    Py_ssize_t n = w->len - start;
+    if (rc == ENC_OK && PyUnicode_CheckExact(k) && n <= (Py_ssize_t)sizeof(slot->text)) {
+        PyObject *old = slot->key;
+        Py_INCREF(k);
+        slot->key = k;
+        memcpy(slot->text, w->buf + start, (size_t)n);
+        slot->len = n;
+        Py_XDECREF(old);
+    }
+    return rc;
+}
+
+/* Decimal digits of an unsigned number into the end of tmp; returns the start. */
+static inline char *
+fmt_u64(char *end, unsigned long long v)
+{
+    char *p = end;
+    do {
+        *--p = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    return p;
+}
+
+static int
+wb_ll(wb_t *w, long long v)
+{
+    char tmp[24];
+    char *end = tmp + sizeof(tmp);
+    unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+    char *p = fmt_u64(end, u);
+    if (v < 0)
+        *--p = '-';
+    return wb_write(w, p, end - p);
+}
+
+/* An int (or int subclass) as json.dumps writes it: int.__repr__, any size. */
+static int
+wb_int(wb_t *w, PyObject *v)
+{
+    int overflow;
+    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (x == -1 && PyErr_Occurred())
+        return ENC_ERR;
+    if (!overflow)
+        return wb_ll(w, x);
+    PyObject *text = PyLong_Type.tp_repr(v);    /* beyond int's digit limit: ValueError */
+    if (text == NULL)
+        return ENC_ERR;
+    int rc = wb_write(w, (const char *)PyUnicode_1BYTE_DATA(text), PyUnicode_GET_LENGTH(text));
+    Py_DECREF(text);
+    return rc;
+}
+
+/* float.__repr__ of a finite double. */
+static int
+wb_float_repr(wb_t *w, double d)
+{
+    char *text = PyOS_double_to_string(d, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+    if (text == NULL)
+        return ENC_ERR;
+    int rc = wb_write(w, text, (Py_ssize_t)strlen(text));
+    PyMem_Free(text);
+    return rc;
+}
+
+static inline char *
+put2(char *o, int v)
+{
+    *o++ = (char)('0' + v / 10);
+    *o++ = (char)('0' + v % 10);
+    return o;
+}
+
+static inline char *
+put_date(char *o, int y, int m, int d)
+{
+    *o++ = (char)('0' + y / 1000);
+    *o++ = (char)('0' + y / 100 % 10);
+    *o++ = (char)('0' + y / 10 % 10);
+    *o++ = (char)('0' + y % 10);
+    *o++ = '-';
+    o = put2(o, m);
+    *o++ = '-';
+    return put2(o, d);
+}
+
+static inline char *
+put_time(char *o, int h, int mi, int s, int us)
+{
+    o = put2(o, h);
+    *o++ = ':';
+    o = put2(o, mi);
+    *o++ = ':';
+    o = put2(o, s);
+    if (us) {
+        *o++ = '.';
+        for (int k = 100000; k; k /= 10)
+            *o++ = (char)('0' + us / k % 10);
+    }
+    return o;
+}
+
+/* The UTC offset isoformat() appends: tzinfo.utcoffset(arg) formatted as
+ * datetime's format_utcoffset() does. Writes nothing for no offset;
+ * ENC_UNSURE where isoformat() would raise or might differ. */
+static int
+put_offset(char *o, char **out, PyObject *tzinfo, PyObject *arg)
+{
+    *out = o;
+    if (tzinfo == Py_None)
+        return ENC_OK;
+    int days, secs, us;
+    if (tzinfo == PyDateTime_TimeZone_UTC) {
+        days = secs = us = 0;   /* timezone.utc, a final type: always timedelta(0) */
+    }
+    else {
+        PyObject *off = PyObject_CallMethodOneArg(tzinfo, s_utcoffset, arg);
+        if (off == NULL)
+            return ENC_ERR;
+        if (off == Py_None) {
+            Py_DECREF(off);
+            return ENC_OK;
+        }
+        if (!PyDelta_CheckExact(off)) {
+            Py_DECREF(off);
+            return ENC_UNSURE;
+        }
+        days = PyDateTime_DELTA_GET_DAYS(off);
+        secs = PyDateTime_DELTA_GET_SECONDS(off);
+        us = PyDateTime_DELTA_GET_MICROSECONDS(off);
+        Py_DECREF(off);
+        /* Strictly within a day, or isoformat() raises. */
+        if (days < -1 || days > 0 || (days == -1 && secs == 0 && us == 0))
+            return ENC_UNSURE;
+    }
+    long long total = (long long)days * 86400000000LL + (long long)secs * 1000000LL + us;
+    char sign = '+';
+    if (total < 0) {
+        sign = '-';
+        total = -total;
+    }
+    us = (int)(total % 1000000);
+    long long s = total / 1000000;
+    int seconds = (int)(s % 60), minutes = (int)(s / 60 % 60), hours = (int)(s / 3600);
+    *o++ = sign;
+    o = put2(o, hours);
+    *o++ = ':';
+    o = put2(o, minutes);
+    if (us || seconds) {
+        *o++ = ':';
+        o = put2(o, seconds);
+    }
+    if (us) {
+        *o++ = '.';
+        for (int k = 100000; k; k /= 10)
+            *o++ = (char)('0' + us / k % 10);
+    }
+    *out = o;
+    return ENC_OK;
+}
+
+/* isoformat() of an exact datetime, date or time, as a JSON string. */
+static int
+wb_isoformat(wb_t *w, PyObject *v)
+{
+    char tmp[80];
+    char *o = tmp;
+    *o++ = '"';
+    if (PyDateTime_CheckExact(v)) {
+        o = put_date(o, PyDateTime_GET_YEAR(v), PyDateTime_GET_MONTH(v), PyDateTime_GET_DAY(v));
+        *o++ = 'T';
+        o = put_time(o, PyDateTime_DATE_GET_HOUR(v), PyDateTime_DATE_GET_MINUTE(v),
+                     PyDateTime_DATE_GET_SECOND(v), PyDateTime_DATE_GET_MICROSECOND(v));
+        int rc = put_offset(o, &o, PyDateTime_DATE_GET_TZINFO(v), v);
+        if (rc != ENC_OK)
+            return rc;
+    }
+    else if (PyDate_CheckExact(v)) {
+        o = put_date(o, PyDateTime_GET_YEAR(v), PyDateTime_GET_MONTH(v), PyDateTime_GET_DAY(v));
+    }
+    else {  /* time */
+        o = put_time(o, PyDateTime_TIME_GET_HOUR(v), PyDateTime_TIME_GET_MINUTE(v),
+                     PyDateTime_TIME_GET_SECOND(v), PyDateTime_TIME_GET_MICROSECOND(v));
+        int rc = put_offset(o, &o, PyDateTime_TIME_GET_TZINFO(v), Py_None);
+        if (rc != ENC_OK)
+            return rc;
+    }
+    *o++ = '"';
+    return wb_write(w, tmp, o - tmp);
+}
+
+/* wire._duration(): "P<days>DT<seconds>S", the seconds as the float
+ * seconds + microseconds / 1e6 formatted "%.6f" without trailing zeros. */
+static int
+wb_duration(wb_t *w, PyObject *v)
+{
+    int days = PyDateTime_DELTA_GET_DAYS(v);
+    double secs = (double)PyDateTime_DELTA_GET_SECONDS(v) +
+                  (double)PyDateTime_DELTA_GET_MICROSECONDS(v) / 1000000.0;
+    char *text = PyOS_double_to_string(secs, 'f', 6, 0, NULL);
+    if (text == NULL)
+        return ENC_ERR;
+    size_t n = strlen(text);
+    while (n > 0 && text[n - 1] == '0')
+        n--;
+    while (n > 0 && text[n - 1] == '.')
+        n--;
+    int rc = WB_LIT(w, "\"P");
+    if (rc == ENC_OK)
+        rc = wb_ll(w, days);
+    if (rc == ENC_OK)
+        rc = WB_LIT(w, "DT");
+    if (rc == ENC_OK)
+        rc = wb_write(w, text, (Py_ssize_t)n);
+    if (rc == ENC_OK)
+        rc = WB_LIT(w, "S\"");
+    PyMem_Free(text);
+    return rc;
+}
+
+/* "\\x" + hex, as a JSON string. */
+static int
+wb_hex(wb_t *w, const unsigned char *p, Py_ssize_t n)
+{
+    if (n > (PY_SSIZE_T_MAX - 6) / 2) {
+        PyErr_NoMemory();
+        return ENC_ERR;
+    }
+    if (wb_room(w, 2 * n + 5) < 0)
+        return ENC_ERR;
+    char *o = w->buf + w->len;
+    *o++ = '"';
+    *o++ = '\\';
+    *o++ = '\\';
+    *o++ = 'x';
+    for (Py_ssize_t i = 0; i < n; i++) {
+        *o++ = hexdigits[p[i] >> 4];
+        *o++ = hexdigits[p[i] & 0xF];
+    }
+    *o++ = '"';
+    w->len = o - w->buf;
+    return ENC_OK;
+}
+
+/* str(uuid) of an exact UUID: its int as 32 hex digits in 8-4-4-4-12. */
+static int
+wb_uuid(wb_t *w, PyObject *v)
+{
+    PyObject *num = PyObject_GetAttr(v, s_int);
+    if (num == NULL)
+        return ENC_ERR;
+    if (!PyLong_CheckExact(num)) {
+        Py_DECREF(num);
+        return ENC_UNSURE;
+    }
+    unsigned long long lo = PyLong_AsUnsignedLongLongMask(num);
+    if (lo == (unsigned long long)-1 && PyErr_Occurred()) {
+        Py_DECREF(num);
+        return ENC_ERR;
+    }
+    PyObject *sixty_four = PyLong_FromLong(64);
+    PyObject *high = sixty_four == NULL ? NULL : PyNumber_Rshift(num, sixty_four);
+    Py_XDECREF(sixty_four);
+    Py_DECREF(num);
+    if (high == NULL)
+        return ENC_ERR;
+    unsigned long long hi = as_u64(high);   /* negative or too big: fails */
+    Py_DECREF(high);
+    if (hi == (unsigned long long)-1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return ENC_ERR;
+        PyErr_Clear();
+        return ENC_UNSURE;
+    }
+    char tmp[38], *o = tmp;
+    *o++ = '"';
+    for (int i = 0; i < 32; i++) {
+        if (i == 8 || i == 12 || i == 16 || i == 20)
+            *o++ = '-';
+        unsigned long long half = i < 16 ? hi : lo;
+        *o++ = hexdigits[(half >> (4 * (15 - i % 16))) & 0xF];
+    }
+    *o++ = '"';
+    return wb_write(w, tmp, o - tmp);
+}
+
+static int enc_value(wb_t *w, PyObject *v);
+static int enc_json(wb_t *w, PyObject *v);
+
+/* Writes "str(text)" for an object whose str() is the answer. */
+static int
+wb_str_of(wb_t *w, PyObject *v)
+{
+    PyObject *text = PyObject_Str(v);
+    if (text == NULL)
+        return ENC_ERR;
+    int rc = PyUnicode_CheckExact(text) ? wb_str(w, text) : enc_json(w, text);
+    Py_DECREF(text);
+    return rc;
+}
+
+/* An object with exact-str keys, each value by *enc* (None: the dict is
+ * not for the C code). */
+static int
+wb_dict(wb_t *w, PyObject *d, int (*enc)(wb_t *, PyObject *), int strict_keys)
+{
+    if (wb_byte(w, '{') < 0)
+        return ENC_ERR;
+    Py_ssize_t pos = 0, size = PyDict_GET_SIZE(d);
+    PyObject *key, *val;
+    int first = 1;
+    while (PyDict_Next(d, &pos, &key, &val)) {
+        if (strict_keys ? !PyUnicode_CheckExact(key) : !PyUnicode_Check(key))
+            return strict_keys ? ENC_UNSURE : ENC_GIVEUP;
+        if (!first && wb_byte(w, ',') < 0)
+            return ENC_ERR;
+        first = 0;
+        Py_INCREF(key);
+        Py_INCREF(val);     /* the value's own code may change the dict */
+        int rc = wb_key(w, key);
+        if (rc == ENC_OK)
+            rc = wb_byte(w, ':');
+        if (rc == ENC_OK)
+            rc = enc(w, val);
+        Py_DECREF(key);
+        Py_DECREF(val);
+        if (rc != ENC_OK)
+            return rc;
+        if (PyDict_GET_SIZE(d) != size)
+            return ENC_GIVEUP;
+    }
+    return wb_byte(w, '}');
+}
+
+/* A list or tuple, or any iterable when *iterate*, each item by *enc*. */
+static int
+wb_array(wb_t *w, PyObject *seq, int (*enc)(wb_t *, PyObject *), int iterate)
+{
+    if (wb_byte(w, '[') < 0)
+        return ENC_ERR;
+    if (iterate) {
+        PyObject *it = PyObject_GetIter(seq), *item;
+        if (it == NULL)
+            return ENC_ERR;
+        int first = 1, rc = ENC_OK;
+        while ((item = PyIter_Next(it)) != NULL) {
+            if (!first)
+                rc = wb_byte(w, ',');
+            first = 0;
+            if (rc == ENC_OK)
+                rc = enc(w, item);
+            Py_DECREF(item);
+            if (rc != ENC_OK)
+                break;
+        }
+        Py_DECREF(it);
+        if (rc != ENC_OK)
+            return rc;
+        if (PyErr_Occurred())
+            return ENC_ERR;
+        return wb_byte(w, ']');
+    }
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+        if (i > 0 && wb_byte(w, ',') < 0)
+            return ENC_ERR;
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+        Py_INCREF(item);    /* the item's own code may change the list */
+        int rc = enc(w, item);
+        Py_DECREF(item);
+        if (rc != ENC_OK)
+            return rc;
+    }
+    return wb_byte(w, ']');
+}
+
+/* A JSON-ready value as json.dumps writes it: what the fallback returns, and
+ * the event's own fields. Anything else gives the event up. */
+static int
+enc_json(wb_t *w, PyObject *v)
+{
+    if (v == Py_None)
+        return WB_LIT(w, "null");
+    if (v == Py_True)
+        return WB_LIT(w, "true");
+    if (v == Py_False)
+        return WB_LIT(w, "false");
+    if (PyUnicode_Check(v))
+        return wb_str(w, v);
+    if (PyLong_Check(v))
+        return wb_int(w, v);
+    if (PyFloat_Check(v)) {
+        double d = PyFloat_AS_DOUBLE(v);
+        if (isnan(d))
+            return WB_LIT(w, "NaN");
+        if (isinf(d))
+            return d > 0 ? WB_LIT(w, "Infinity") : WB_LIT(w, "-Infinity");
+        return wb_float_repr(w, d);
+    }
+    if (!PyList_CheckExact(v) && !PyTuple_CheckExact(v) && !PyDict_CheckExact(v))
+        return ENC_GIVEUP;
+    if (++w->depth > ENC_MAX_DEPTH)
+        return ENC_GIVEUP;
+    int rc = PyDict_CheckExact(v) ? wb_dict(w, v, enc_json, 0) : wb_array(w, v, enc_json, 0);
+    w->depth--;
+    return rc;
+}
+
+/* The fallback's answer for *v*, written as json.dumps writes it. */
+static int
+enc_fallback(wb_t *w, PyObject *v)
+{
+    PyObject *res = PyObject_CallOneArg(w->fallback, v);
+    if (res == NULL)
+        return ENC_ERR;
+    int rc = enc_json(w, res);
+    Py_DECREF(res);
+    return rc == ENC_UNSURE ? ENC_GIVEUP : rc;
+}
+
+/* An Enum whose classes are all Enums (and object): no mixed-in type whose
+ * own rule wire.encode_value would apply first. */
+static int
+plain_enum(PyTypeObject *tp)
+{
+    if (!PyType_IsSubtype(tp, (PyTypeObject *)enum_type))
+        return 0;
+    PyObject *mro = tp->tp_mro;
+    if (mro == NULL || !PyTuple_Check(mro))
+        return 0;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(mro); i++) {
+        PyTypeObject *base = (PyTypeObject *)PyTuple_GET_ITEM(mro, i);
+        if (base != &PyBaseObject_Type && !PyType_IsSubtype(base, (PyTypeObject *)enum_type))
+            return 0;
+    }
+    return 1;
+}
+
+/* psycopg's Range: {"lower", "upper", "bounds", "empty"}. */
+static int
+wb_range(wb_t *w, PyObject *v)
+{
+    PyObject *lower = NULL, *upper = NULL, *bounds = NULL, *empty = NULL;
+    int rc = ENC_ERR;
+    if ((lower = PyObject_GetAttr(v, s_lower)) == NULL ||
+        (upper = PyObject_GetAttr(v, s_upper)) == NULL ||
+        (bounds = PyObject_GetAttr(v, s_bounds)) == NULL ||
+        (empty = PyObject_GetAttr(v, s_isempty)) == NULL)
+        goto done;
+    rc = ENC_UNSURE;
+    if (!PyUnicode_CheckExact(bounds) || !PyBool_Check(empty))
+        goto done;
+    if ((rc = WB_LIT(w, "{\"lower\":")) != ENC_OK || (rc = enc_value(w, lower)) != ENC_OK ||
+        (rc = WB_LIT(w, ",\"upper\":")) != ENC_OK || (rc = enc_value(w, upper)) != ENC_OK ||
+        (rc = WB_LIT(w, ",\"bounds\":")) != ENC_OK || (rc = wb_str(w, bounds)) != ENC_OK ||
+        (rc = WB_LIT(w, ",\"empty\":")) != ENC_OK)
+        goto done;
+    rc = empty == Py_True ? WB_LIT(w, "true}") : WB_LIT(w, "false}");
+done:
+    Py_XDECREF(lower);
+    Py_XDECREF(upper);
+    Py_XDECREF(bounds);
+    Py_XDECREF(empty);
+    return rc;
+}
+
+/* The value as wire.encode_value makes it, written as json.dumps would:
+ * ENC_UNSURE when the fallback must decide (see enc_value). */
+static int
+enc_value_c(wb_t *w, PyObject *v)
+{
+    if (v == Py_None)
+        return WB_LIT(w, "null");
+    if (v == Py_True)
+        return WB_LIT(w, "true");
+    if (v == Py_False)
+        return WB_LIT(w, "false");
+    /* encode_value returns an int or str (subclasses too) as it is, and
+     * json.dumps writes int.__repr__ and the characters. */
+    if (PyUnicode_Check(v))
+        return wb_str(w, v);
+    if (PyLong_Check(v))
+        return wb_int(w, v);
+    PyTypeObject *tp = Py_TYPE(v);
+    if (tp == &PyFloat_Type) {
+        double d = PyFloat_AS_DOUBLE(v);
+        if (isnan(d))
+            return WB_LIT(w, "\"NaN\"");
+        if (isinf(d))
+            return d > 0 ? WB_LIT(w, "\"Infinity\"") : WB_LIT(w, "\"-Infinity\"");
+        return wb_float_repr(w, d);
+    }
+    if ((PyObject *)tp == decimal_type)
+        return wb_str_of(w, v);
+    if (PyDateTime_CheckExact(v) || PyDate_CheckExact(v) || PyTime_CheckExact(v))
+        return wb_isoformat(w, v);
+    if (PyDelta_CheckExact(v))
+        return wb_duration(w, v);
+    if ((PyObject *)tp == uuid_type)
+        return wb_uuid(w, v);
+    if (tp == &PyBytes_Type)
+        return wb_hex(w, (const unsigned char *)PyBytes_AS_STRING(v), PyBytes_GET_SIZE(v));
+    if (tp == &PyByteArray_Type)
+        return wb_hex(w, (const unsigned char *)PyByteArray_AS_STRING(v),
+                      PyByteArray_GET_SIZE(v));
+    if (tp == &PyMemoryView_Type) {
+        Py_buffer view;
+        if (PyObject_GetBuffer(v, &view, PyBUF_FULL_RO) < 0) {
+            PyErr_Clear();      /* released, say: bytes(value) decides */
+            return ENC_UNSURE;
+        }
+        int rc = PyBuffer_IsContiguous(&view, 'C')
+                     ? wb_hex(w, (const unsigned char *)view.buf, view.len)
+                     : ENC_UNSURE;
+        PyBuffer_Release(&view);
+        return rc;
+    }
+    int rc;
+    if (tp == &PyDict_Type || tp == &PyList_Type || tp == &PyTuple_Type ||
+        (PyObject *)tp == range_type || (PyObject *)tp == multirange_type) {
+        if (++w->depth > ENC_MAX_DEPTH)
+            return ENC_GIVEUP;
+        if (tp == &PyDict_Type)
+            rc = wb_dict(w, v, enc_value, 1);
+        else if ((PyObject *)tp == range_type)
+            rc = wb_range(w, v);
+        else
+            rc = wb_array(w, v, enc_value, (PyObject *)tp == multirange_type);
+        w->depth--;
+        return rc;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(ip_types); i++)
+        if ((PyObject *)tp == PyTuple_GET_ITEM(ip_types, i))
+            return wb_str_of(w, v);
+    if (plain_enum(tp)) {
+        PyObject *inner = PyObject_GetAttr(v, s_value);
+        if (inner == NULL)
+            return ENC_ERR;
+        if (++w->depth > ENC_MAX_DEPTH)
+            rc = ENC_GIVEUP;
+        else
+            rc = enc_value(w, inner);
+        w->depth--;
+        Py_DECREF(inner);
+        return rc;
+    }
+    return ENC_UNSURE;
+}
+
+/* One value; what the C code leaves alone, the fallback decides. */
+static int
+enc_value(wb_t *w, PyObject *v)
+{
+    Py_ssize_t start = w->len;
+    int rc = enc_value_c(w, v);
+    if (rc != ENC_UNSURE)
+        return rc;
+    w->len = start;
+    return enc_fallback(w, v);
+}
+
+/* str() of an LSN (an exact walex.lsn.LSN): "%X/%X" of its halves. */
+static int
+wb_lsn_text(wb_t *w, PyObject *v)
+{
+    if ((PyObject *)Py_TYPE(v) != lsn_type)
+        return ENC_GIVEUP;
+    unsigned long long x = as_u64(v);
+    if (x == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return ENC_GIVEUP;
+    }
+    char tmp[20], *o = tmp;
+    for (int half = 0; half < 2; half++) {
+        unsigned long part = half == 0 ? (unsigned long)(x >> 32) : (unsigned long)(x & 0xFFFFFFFFu);
+        char digits[8];
+        int n = 0;
+        do {
+            digits[n++] = "0123456789ABCDEF"[part & 0xF];
+            part >>= 4;
+        } while (part);
+        while (n)
+            *o++ = digits[--n];
+        if (half == 0)
+            *o++ = '/';
+    }
+    return wb_write(w, tmp, o - tmp);
+}
+
+/* A record (wire._record): null, or an object of the values. */
+static int
+wb_record(wb_t *w, PyObject *rec)
+{
+    if (rec == Py_None)
+        return WB_LIT(w, "null");
+    if (!PyDict_CheckExact(rec))
+        return ENC_GIVEUP;
+    if (++w->depth > ENC_MAX_DEPTH)
+        return ENC_GIVEUP;
+    int rc = wb_dict(w, rec, enc_value, 1);
+    w->depth--;
+    return rc == ENC_UNSURE ? ENC_GIVEUP : rc;   /* a key that is not a str */
+}
+
+/* Event.changes, encoded: column -> [old, new] for each column of the new
+ * row that the old row has with a value that compares unequal. */
+static int
+wb_changes(wb_t *w, PyObject *new_rec, PyObject *old_rec)
+{
+    if (!PyDict_CheckExact(new_rec) || !PyDict_CheckExact(old_rec))
+        return ENC_GIVEUP;
+    if (wb_byte(w, '{') < 0)
+        return ENC_ERR;
+    Py_ssize_t pos = 0, size = PyDict_GET_SIZE(new_rec);
+    PyObject *key, *val;
+    int first = 1, rc = ENC_OK;
+    while (PyDict_Next(new_rec, &pos, &key, &val)) {
+        if (!PyUnicode_CheckExact(key))
+            return ENC_GIVEUP;
+        Py_INCREF(key);
+        Py_INCREF(val);
+        PyObject *before = PyDict_GetItemWithError(old_rec, key);
+        Py_XINCREF(before);
+        if (before != NULL) {
+            /* old[k] != v, as Python says it: no identity shortcut (NaN). */
+            PyObject *ne = PyObject_RichCompare(before, val, Py_NE);
+            int differs = ne == NULL ? -1 : PyObject_IsTrue(ne);
+            Py_XDECREF(ne);
+            if (differs < 0)
+                rc = ENC_ERR;
+            else if (differs) {
+                if (!first)
+                    rc = wb_byte(w, ',');
+                first = 0;
+                if (rc == ENC_OK)
+                    rc = wb_key(w, key);
+                if (rc == ENC_OK)
+                    rc = WB_LIT(w, ":[");
+                if (rc == ENC_OK)
+                    rc = enc_value(w, before);
+                if (rc == ENC_OK)
+                    rc = wb_byte(w, ',');
+                if (rc == ENC_OK)
+                    rc = enc_value(w, val);
+                if (rc == ENC_OK)
+                    rc = wb_byte(w, ']');
+            }
+        }
+        else if (PyErr_Occurred()) {
+            rc = ENC_ERR;
+        }
+        Py_XDECREF(before);
+        Py_DECREF(key);
+        Py_DECREF(val);
+        if (rc != ENC_OK)
+            return rc;
+        if (PyDict_GET_SIZE(new_rec) != size)
+            return ENC_GIVEUP;
+    }
+    return wb_byte(w, '}');
+}
+
+/* sorted(unchanged_toast). */
+static int
+wb_toast(wb_t *w, PyObject *toast)
+{
+    if (PyAnySet_CheckExact(toast) && PySet_GET_SIZE(toast) == 0)
+        return WB_LIT(w, "[]");
+    PyObject *names = PySequence_List(toast);
+    if (names == NULL)
+        return ENC_ERR;
+    int rc = PyList_Sort(names) < 0 ? ENC_ERR : enc_json(w, names);
+    Py_DECREF(names);
+    return rc;
+}
+
+/* ,"primary_key":{k: encode_value((record or {}).get(k)) for k in pk} */
+static int
+wb_primary_key(wb_t *w, PyObject *pk, PyObject *record)
+{
+    if (record != Py_None && !PyDict_CheckExact(record))
+        return ENC_GIVEUP;
+    if (WB_LIT(w, ",\"primary_key\":{") < 0)
+        return ENC_ERR;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(pk); i++) {
+        PyObject *k = PyTuple_GET_ITEM(pk, i);
+        PyObject *val = Py_None;
+        if (record != Py_None) {
+            val = PyDict_GetItemWithError(record, k);
+            if (val == NULL) {
+                if (PyErr_Occurred())
+                    return ENC_ERR;
+                val = Py_None;
+            }
+        }
+        if (i > 0 && wb_byte(w, ',') < 0)
+            return ENC_ERR;
+        int rc = wb_key(w, k);
+        if (rc != ENC_OK)
+            return rc;
+        if (wb_byte(w, ':') < 0)
+            return ENC_ERR;
+        Py_INCREF(val);
+        rc = enc_value(w, val);
+        Py_DECREF(val);
+        if (rc != ENC_OK)
+            return rc;
+    }
+    return wb_byte(w, '}');
+}
+
+/* A message's content: text when it is UTF-8, else "\\x" + hex. */
+static int
+wb_content(wb_t *w, PyObject *content)
+{
+    if (content == Py_None)
+        return WB_LIT(w, ",\"content\":\"\",\"content_encoding\":\"text\"");
+    if (!PyBytes_CheckExact(content))
+        return ENC_GIVEUP;
+    if (WB_LIT(w, ",\"content\":") < 0)
+        return ENC_ERR;
+    PyObject *text = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(content), PyBytes_GET_SIZE(content),
+                                          NULL);
+    if (text == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError))
+            return ENC_ERR;
+        PyErr_Clear();
+        if (wb_hex(w, (const unsigned char *)PyBytes_AS_STRING(content),
+                   PyBytes_GET_SIZE(content)) < 0)
+            return ENC_ERR;
+        return WB_LIT(w, ",\"content_encoding\":\"hex\"");
+    }
+    int rc = wb_str(w, text);
+    Py_DECREF(text);
+    if (rc != ENC_OK)
+        return rc;
+    return WB_LIT(w, ",\"content_encoding\":\"text\"");
+}
+
+/* *key* (a literal ,"name":), then the value as json.dumps writes it. */
+#define WB_FIELD(w, key, v) (WB_LIT((w), key) < 0 ? ENC_ERR : enc_json((w), (v)))
+
+static inline void
+wb_init(wb_t *w, PyObject *fallback)
+{
+    w->buf = w->inline_buf;
+    w->len = 0;
+    w->cap = (Py_ssize_t)sizeof(w->inline_buf);
+    w->depth = 0;
+    w->fallback = fallback;
+}
+
+static inline void
+wb_free(wb_t *w)
+{
+    if (w->buf != w->inline_buf)
+        PyMem_Free(w->buf);
+}
+
+/* What an event takes from its Source, made once per Source: the text
+ * ,"schema":...,"table":... ; whether the replica identity is "full" (-1: not
+ * a str, the Python path compares); the primary key (NULL: not a tuple of
+ * distinct str, the Python path decides). */
+typedef struct {
+    PyObject *key;      /* the Source, in the cache */
+    PyObject *head;     /* bytes */
+    int full;
+    PyObject *pk;       /* tuple */
+} src_info_t;
+
+/* What an event takes from its Transaction, made once per Transaction:
+ * {"id":"<commit lsn>:  |  ,"commit_timestamp":...,"commit_lsn":"...","lsn":"
+ * |  ","xid":<xid>,"seq":   (one bytes object, cut in three). */
+typedef struct {
+    PyObject *key;      /* the Transaction, in the cache */
+    PyObject *text;     /* bytes */
+    Py_ssize_t cut1, cut2;
+} txn_info_t;
+
+/* The last Source and Transaction seen: the events of a batch share them.
+ * Kept only for walex's own Source and Transaction, frozen dataclasses, and
+ * only while what was taken from them cannot change (exact str, int, LSN,
+ * a datetime whose offset is fixed). */
+static src_info_t src_cache = {NULL, NULL, -1, NULL};
+static txn_info_t txn_cache = {NULL, NULL, 0, 0};
+
+static void
+src_info_clear(src_info_t *info)
+{
+    Py_CLEAR(info->key);
+    Py_CLEAR(info->head);
+    Py_CLEAR(info->pk);
+}
+
+static void
+txn_info_clear(txn_info_t *info)
+{
+    Py_CLEAR(info->key);
+    Py_CLEAR(info->text);
+}
+
+/* A tuple of distinct exact str (a repeated name would be one key). */
+static int
+pk_ok(PyObject *pk)
+{
+    if (!PyTuple_CheckExact(pk))
+        return 0;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(pk); i++) {
+        PyObject *k = PyTuple_GET_ITEM(pk, i);
+        if (!PyUnicode_CheckExact(k))
+            return 0;
+        for (Py_ssize_t j = 0; j < i; j++)
+            if (PyUnicode_Compare(k, PyTuple_GET_ITEM(pk, j)) == 0)
+                return 0;
+    }
+    return 1;
+}
+
+/* *info* for *source* (new references; the caller clears it). */
+static int
+src_info_get(PyObject *source, src_info_t *info)
+{
+    if (source == src_cache.key && source != NULL) {
+        *info = src_cache;
+        Py_INCREF(info->key);
+        Py_INCREF(info->head);
+        Py_XINCREF(info->pk);
+        return ENC_OK;
+    }
+    *info = (src_info_t){NULL, NULL, -1, NULL};
+    PyObject *schema = NULL, *table = NULL, *ident = NULL, *pk = NULL;
+    wb_t tmp;
+    wb_init(&tmp, NULL);
+    int rc = ENC_ERR;
+    if ((schema = PyObject_GetAttr(source, s_schema)) == NULL ||
+        (table = PyObject_GetAttr(source, s_table)) == NULL ||
+        (ident = PyObject_GetAttr(source, s_replica_identity)) == NULL ||
+        (pk = PyObject_GetAttr(source, s_primary_key)) == NULL)
+        goto done;
+    if ((rc = WB_FIELD(&tmp, ",\"schema\":", schema)) != ENC_OK ||
+        (rc = WB_FIELD(&tmp, ",\"table\":", table)) != ENC_OK)
+        goto done;
+    if ((info->head = PyBytes_FromStringAndSize(tmp.buf, tmp.len)) == NULL) {
+        rc = ENC_ERR;
+        goto done;
+    }
+    info->full = PyUnicode_CheckExact(ident) ? PyUnicode_CompareWithASCIIString(ident, "full") == 0
+                                             : -1;
+    if (pk_ok(pk)) {
+        info->pk = pk;
+        pk = NULL;
+    }
+    if ((PyObject *)Py_TYPE(source) == source_type && PyUnicode_CheckExact(schema) &&
+        PyUnicode_CheckExact(table)) {
+        /* The old entry is let go of last: its objects' deallocation may
+         * run code that encodes (and fills the cache) again. */
+        src_info_t old = src_cache;
+        Py_INCREF(source);
+        info->key = source;
+        src_cache = *info;
+        Py_INCREF(info->key);
+        Py_INCREF(info->head);
+        Py_XINCREF(info->pk);
+        src_info_clear(&old);
+    }
+    rc = ENC_OK;
+done:
+    Py_XDECREF(schema);
+    Py_XDECREF(table);
+    Py_XDECREF(ident);
+    Py_XDECREF(pk);
+    wb_free(&tmp);
+    if (rc != ENC_OK)
+        src_info_clear(info);
+    return rc;
+}
+
+/* *info* for *txn* (new references; the caller clears it). */
+static int
+txn_info_get(PyObject *txn, txn_info_t *info)
+{
+    if (txn == txn_cache.key && txn != NULL) {
+        *info = txn_cache;
+        Py_INCREF(info->key);
+        Py_INCREF(info->text);
+        return ENC_OK;
+    }
+    *info = (txn_info_t){NULL, NULL, 0, 0};
+    PyObject *commit_lsn = NULL, *stamp = NULL, *xid = NULL;
+    wb_t tmp;
+    wb_init(&tmp, NULL);
+    int rc = ENC_ERR, fixed = 0;
+    if ((commit_lsn = PyObject_GetAttr(txn, s_commit_lsn)) == NULL ||
+        (stamp = PyObject_GetAttr(txn, s_commit_timestamp)) == NULL ||
+        (xid = PyObject_GetAttr(txn, s_xid)) == NULL)
+        goto done;
+    /* "id": f"{commit_lsn}:{seq}" (an LSN formats as its str) */
+    if ((rc = WB_LIT(&tmp, "{\"id\":\"")) != ENC_OK ||
+        (rc = wb_lsn_text(&tmp, commit_lsn)) != ENC_OK || (rc = wb_byte(&tmp, ':')) != ENC_OK)
+        goto done;
+    info->cut1 = tmp.len;
+    /* "commit_timestamp": commit_timestamp.isoformat() */
+    if ((rc = WB_LIT(&tmp, ",\"commit_timestamp\":")) != ENC_OK)
+        goto done;
+    Py_ssize_t start = tmp.len;
+    rc = PyDateTime_CheckExact(stamp) ? wb_isoformat(&tmp, stamp) : ENC_UNSURE;
+    if (rc == ENC_OK) {
+        PyObject *tz = PyDateTime_DATE_GET_TZINFO(stamp);
+        fixed = tz == Py_None || Py_TYPE(tz) == Py_TYPE(PyDateTime_TimeZone_UTC);
+    }
+    else if (rc == ENC_UNSURE) {
+        tmp.len = start;
+        PyObject *text = PyObject_CallMethodNoArgs(stamp, s_isoformat);
+        if (text == NULL) {
+            rc = ENC_ERR;
+            goto done;
+        }
+        rc = enc_json(&tmp, text);
+        Py_DECREF(text);
+    }
+    if (rc != ENC_OK || (rc = WB_LIT(&tmp, ",\"commit_lsn\":\"")) != ENC_OK ||
+        (rc = wb_lsn_text(&tmp, commit_lsn)) != ENC_OK ||
+        (rc = WB_LIT(&tmp, "\",\"lsn\":\"")) != ENC_OK)
+        goto done;
+    info->cut2 = tmp.len;
+    if ((rc = WB_FIELD(&tmp, "\",\"xid\":", xid)) != ENC_OK ||
+        (rc = WB_LIT(&tmp, ",\"seq\":")) != ENC_OK)
+        goto done;
+    if ((info->text = PyBytes_FromStringAndSize(tmp.buf, tmp.len)) == NULL) {
+        rc = ENC_ERR;
+        goto done;
+    }
+    if ((PyObject *)Py_TYPE(txn) == txn_type && fixed && PyLong_CheckExact(xid)) {
+        txn_info_t old = txn_cache;     /* let go of last, as above */
+        Py_INCREF(txn);
+        info->key = txn;
+        txn_cache = *info;
+        Py_INCREF(info->key);
+        Py_INCREF(info->text);
+        txn_info_clear(&old);
+    }
+    rc = ENC_OK;
+done:
+    Py_XDECREF(commit_lsn);
+    Py_XDECREF(stamp);
+    Py_XDECREF(xid);
+    wb_free(&tmp);
+    if (rc != ENC_OK)
+        txn_info_clear(info);
+    return rc;
+}
+
+#define EV_TYPE 0
+#define EV_SOURCE 1
+#define EV_NEW 2
+#define EV_OLD 3
+#define EV_TOAST 4
+#define EV_LSN 5
+#define EV_SEQ 6
+#define EV_TXN 7
+#define EV_PREFIX 8
+#define EV_CONTENT 9
+#define EV_TRANSACTIONAL 10
+#define EV_TRUNCATED 11
+#define EV_CASCADE 12
+#define EV_RESTART 13
+
+/* The rest of the document, after what the source and transaction give. */
+static int
+enc_event_body(wb_t *w, PyObject *ev, src_info_t *src, txn_info_t *txn)
+{
+    PyObject *kind = PyTuple_GET_ITEM(ev, EV_TYPE), *source = PyTuple_GET_ITEM(ev, EV_SOURCE),
+             *new_rec = PyTuple_GET_ITEM(ev, EV_NEW), *old_rec = PyTuple_GET_ITEM(ev, EV_OLD),
+             *seq = PyTuple_GET_ITEM(ev, EV_SEQ);
+    const char *frags = PyBytes_AS_STRING(txn->text);
+    Py_ssize_t nfrags = PyBytes_GET_SIZE(txn->text);
+    int rc;
+    if ((rc = wb_write(w, frags, txn->cut1)) != ENC_OK || (rc = wb_int(w, seq)) != ENC_OK ||
+        (rc = WB_FIELD(w, "\",\"type\":", kind)) != ENC_OK)
+        return rc;
+    if (source == Py_None)
+        rc = WB_LIT(w, ",\"schema\":null,\"table\":null");
+    else
+        rc = wb_write(w, PyBytes_AS_STRING(src->head), PyBytes_GET_SIZE(src->head));
+    if (rc != ENC_OK || (rc = WB_LIT(w, ",\"new_record\":")) != ENC_OK ||
+        (rc = wb_record(w, new_rec)) != ENC_OK || (rc = WB_LIT(w, ",\"old_record\":")) != ENC_OK ||
+        (rc = wb_record(w, old_rec)) != ENC_OK || (rc = WB_LIT(w, ",\"changes\":")) != ENC_OK)
+        return rc;
+    /* Event.changes: an update whose old row is known (REPLICA IDENTITY FULL) */
+    if (PyUnicode_CompareWithASCIIString(kind, "update") != 0 || old_rec == Py_None ||
+        new_rec == Py_None || source == Py_None)
+        rc = WB_LIT(w, "null");
+    else if (src->full < 0)
+        rc = ENC_GIVEUP;
+    else if (!src->full)
+        rc = WB_LIT(w, "null");
+    else
+        rc = wb_changes(w, new_rec, old_rec);
+    if (rc != ENC_OK || (rc = WB_LIT(w, ",\"unchanged_toast\":")) != ENC_OK ||
+        (rc = wb_toast(w, PyTuple_GET_ITEM(ev, EV_TOAST))) != ENC_OK ||
+        (rc = wb_write(w, frags + txn->cut1, txn->cut2 - txn->cut1)) != ENC_OK ||
+        (rc = wb_lsn_text(w, PyTuple_GET_ITEM(ev, EV_LSN))) != ENC_OK ||
+        (rc = wb_write(w, frags + txn->cut2, nfrags - txn->cut2)) != ENC_OK ||
+        (rc = wb_int(w, seq)) != ENC_OK || (rc = WB_LIT(w, ",\"version\":1")) != ENC_OK)
+        return rc;
+
+    if (source != Py_None) {
+        if (src->pk == NULL)
+            return ENC_GIVEUP;
+        rc = wb_primary_key(w, src->pk, new_rec != Py_None ? new_rec : old_rec);
+        if (rc != ENC_OK)
+            return rc;
+    }
+    if (PyUnicode_CompareWithASCIIString(kind, "message") == 0) {
+        PyObject *content = PyTuple_GET_ITEM(ev, EV_CONTENT);
+        /* event.content or b"": any false value is no content */
+        int truth = content == Py_None ? 0 : PyObject_IsTrue(content);
+        if (truth < 0)
+            return ENC_ERR;
+        if ((rc = wb_content(w, truth ? content : Py_None)) != ENC_OK ||
+            (rc = WB_FIELD(w, ",\"prefix\":", PyTuple_GET_ITEM(ev, EV_PREFIX))) != ENC_OK ||
+            (rc = WB_FIELD(w, ",\"transactional\":", PyTuple_GET_ITEM(ev, EV_TRANSACTIONAL))) !=
+                ENC_OK)
+            return rc;
+    }
+    if (PyUnicode_CompareWithASCIIString(kind, "truncate") == 0) {
+        PyObject *truncated = PySequence_List(PyTuple_GET_ITEM(ev, EV_TRUNCATED));
+        if (truncated == NULL)
+            return ENC_ERR;
+        rc = WB_FIELD(w, ",\"truncated\":", truncated);
+        Py_DECREF(truncated);
+        if (rc != ENC_OK ||
+            (rc = WB_FIELD(w, ",\"cascade\":", PyTuple_GET_ITEM(ev, EV_CASCADE))) != ENC_OK ||
+            (rc = WB_FIELD(w, ",\"restart_identity\":", PyTuple_GET_ITEM(ev, EV_RESTART))) !=
+                ENC_OK)
+            return rc;
+    }
+    return wb_byte(w, '}');
+}
+
+/* The whole document, in wire.to_dict's key order. */
+static int
+enc_event(wb_t *w, PyObject *ev)
+{
+    PyObject *kind = PyTuple_GET_ITEM(ev, EV_TYPE), *source = PyTuple_GET_ITEM(ev, EV_SOURCE);
+    if (!PyUnicode_CheckExact(kind) || !PyLong_CheckExact(PyTuple_GET_ITEM(ev, EV_SEQ)))
+        return ENC_GIVEUP;
+    src_info_t src = {NULL, NULL, -1, NULL};
+    txn_info_t txn = {NULL, NULL, 0, 0};
+    int rc = txn_info_get(PyTuple_GET_ITEM(ev, EV_TXN), &txn);
+    if (rc == ENC_OK && source != Py_None)
+        rc = src_info_get(source, &src);
+    if (rc == ENC_OK)
+        rc = enc_event_body(w, ev, &src, &txn);
+    src_info_clear(&src);
+    txn_info_clear(&txn);
+    return rc == ENC_UNSURE ? ENC_GIVEUP : rc;
+}
+
+/* encode_event(event, fallback) -> bytes | None */
+static PyObject *
+encode_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "encode_event(event, fallback)");
+        return NULL;
+    }
+    PyObject *ev = args[0];
+    if (event_type == NULL || decimal_type == NULL || lsn_type == NULL)
+        return fail("walex._accel._speedups.setup_events() and setup_wire() were not called");
+    if ((PyObject *)Py_TYPE(ev) != event_type || PyTuple_GET_SIZE(ev) != 14)
+        Py_RETURN_NONE;
+    wb_t w;
+    wb_init(&w, args[1]);
+    int rc = enc_event(&w, ev);
+    PyObject *res = NULL;
+    if (rc == ENC_OK) {
+        res = PyBytes_FromStringAndSize(w.buf, w.len);
+    }
+    else if (rc == ENC_GIVEUP) {
+        res = Py_None;
+        Py_INCREF(res);
+    }
+    else if (PyErr_ExceptionMatches(PyExc_Exception)) {
+        /* The Python path meets the same exception, or knows better. */
+        PyErr_Clear();
+        res = Py_None;
+        Py_INCREF(res);
+    }
+    wb_free(&w);
+    return res;
+}
+
 static PyMethodDef methods[] = {
+    {"setup_wire", setup_wire, METH_VARARGS,
+     "setup_wire(Source, Transaction, Decimal, UUID, Range, Multirange, Enum, ip_types)"},
+    {"encode_event", (PyCFunction)(void (*)(void))encode_event, METH_FASTCALL,
+     "encode_event(event, fallback) -> bytes | None: the wire bytes of an Event "
+     "(walex.wire.dumpb), or None where the Python path must decide."},
     {"setup_events", setup_events, METH_VARARGS, "setup_events(Event, LSN, frozenset())"},
     {"row_events", (PyCFunction)(void (*)(void))row_events, METH_FASTCALL,
      "row_events(frames, fast_map, txn, seq, events, max_events, max_bytes, batch_bytes)"},
@@ -1050,5 +2494,6 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
+    init_esc();
     return PyModule_Create(&module);
 }

@@ -1,3 +1,4 @@
+from collections.abc import Callable
 from typing import Any
 
 from ..pgoutput.messages import TupleData
@@ -21,3 +22,14 @@ def row_events(
     max_bytes: int,
     batch_bytes: int,
 ) -> tuple[int, int, int, int, int]: ...
+def setup_wire(
+    source: type,
+    transaction: type,
+    decimal: type,
+    uuid: type,
+    range: type,
+    multirange: type,
+    enum: type,
+    ip_types: tuple[type, ...],
+) -> None: ...
+def encode_event(event: Any, fallback: Callable[[Any], Any]) -> bytes | None: ...
