@@ -157,7 +157,7 @@ def test_the_pure_python_path_gives_what_the_c_path_gives(
     major: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fast = events_of(assemble(major, "text"))
-    monkeypatch.setattr(walex.transactions, "_row_events_fast", None)
+    monkeypatch.setattr(walex.transactions, "_run_fast", None)
     slow = events_of(assemble(major, "text"))
     assert [same(e) for e in slow] == [same(e) for e in fast]
 

@@ -16,7 +16,7 @@ from tests.fix_pg import Database
 from tests.streams import collect
 
 pytestmark = pytest.mark.skipif(
-    walex.transactions._row_events_fast is None, reason="the C speedup is not built"
+    walex.transactions._run_fast is None, reason="the C speedup is not built"
 )
 
 WORKLOAD = [
@@ -81,21 +81,21 @@ async def test_fast_and_python_paths_agree(
         ) as stream:
             return await collect(stream, COUNT)
 
-    real = walex.transactions._row_events_fast
+    real = walex.transactions._run_fast
     assert real is not None
     hits = 0
 
     def counting(*args: Any) -> Any:
         nonlocal hits
-        result = real(*args)
-        hits += result[0]
-        return result
+        taken: int = real(*args)
+        hits += taken  # frames: Begin, rows and Commit of plain transactions
+        return taken
 
-    monkeypatch.setattr(walex.transactions, "_row_events_fast", counting)
+    monkeypatch.setattr(walex.transactions, "_run_fast", counting)
     fast = await read(slots[0])
-    # Most rows take the fast path (all but TOAST, infinity, key-only old rows).
+    # Most frames take the fast path (all but TOAST, infinity, key-only old rows).
     assert hits >= 60
-    monkeypatch.setattr(walex.transactions, "_row_events_fast", None)
+    monkeypatch.setattr(walex.transactions, "_run_fast", None)
     slow = await read(slots[1])
     assert len(fast) == len(slow) == COUNT
     for a, b in zip(fast, slow, strict=True):

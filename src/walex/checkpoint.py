@@ -26,6 +26,8 @@ from typing import Protocol
 
 from .lsn import LSN
 
+_new_lsn = int.__new__
+
 __all__ = ["Checkpoint", "Issued"]
 
 
@@ -166,12 +168,14 @@ class Checkpoint:
         return end
 
     def _advance(self, lsn: int) -> None:
+        # Once per transaction: positions from the server are valid LSNs, so
+        # no range check (int.__new__), and none at all when one is at hand.
         if lsn > self.handled:
-            self.handled = LSN(lsn)
-        cap: int = self.handled
+            self.handled = lsn if type(lsn) is LSN else _new_lsn(LSN, lsn)
+        cap = self.handled
         if self._holds:
-            cap = min(cap, *self._holds.values())
+            cap = LSN(min(cap, *self._holds.values()))
         if cap > self.confirmed:
-            self.confirmed = LSN(cap)
+            self.confirmed = cap
             if self._on_advance is not None:
-                self._on_advance(self.confirmed)
+                self._on_advance(cap)

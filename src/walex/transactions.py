@@ -79,8 +79,11 @@ assert XLOG_PAYLOAD == 25
 _SPOOL_RECORD = struct.Struct(">QI")
 _NO_TOAST: frozenset[str] = frozenset()
 
-# A run of plain row changes, frame to event, in C (None: pure Python).
-_row_events_fast = speedups.row_events if speedups is not None else None
+# Plain transactions, Begin to Commit, frame to Batch, in C (None: pure Python).
+_run_fast = speedups.run_transactions if speedups is not None else None
+# What one trip through the C path may make: several small transactions
+# share a trip, each its own Batch.
+_MAX_READY = 256
 
 
 def _timestamp(us: int) -> datetime:
@@ -162,7 +165,7 @@ class Assembler:
         self.frames: deque[bytes] = deque()
         self.ready: deque[Batch | int] = deque()
         self.relations: dict[int, RelationCodec] = {}
-        # What the C fast path needs of each table (see _speedups.row_events).
+        # What the C fast path needs of each table (see _speedups.run_transactions).
         self._fast: dict[int, tuple[Any, ...]] = {}
         self.holds: dict[object, int] = {}
         self.received = 0
@@ -272,32 +275,37 @@ class Assembler:
             and self._need is None
             and self._relations_todo is None
         ):
-            txn = self._txn
-            if (
-                txn is not None
-                and _row_events_fast is not None
-                and self._stream_spool is None
-                and self._prepare_spool is None
-            ):
-                # A run of plain row changes, frame to event, all in C.
-                taken, self._batch_bytes, lsn, wal_end, clock = _row_events_fast(
-                    frames,
-                    self._fast,
-                    txn,
+            if _run_fast is not None and self._stream_spool is None and self._prepare_spool is None:
+                # Plain transactions, frame to Batch, all in C, until the
+                # first frame it leaves to the code below.
+                state: list[Any] = [
+                    self._txn,
                     self._seq,
                     self._events,
+                    self._batch_bytes,
+                    self.received,
+                    self.server_wal_end,
+                    self._clock,
+                ]
+                taken = _run_fast(
+                    frames,
+                    self._fast,
+                    ready,
+                    state,
                     self.max_batch_events,
                     self.max_batch_bytes,
-                    self._batch_bytes,
+                    _MAX_READY,
                 )
                 if taken:
-                    self._seq += taken
-                    self._clock = clock
-                    if wal_end > self.server_wal_end:
-                        self.server_wal_end = wal_end
-                    if lsn > self.received:
-                        self.received = lsn
-                    self._cut_if_full(txn)
+                    (
+                        self._txn,
+                        self._seq,
+                        self._events,
+                        self._batch_bytes,
+                        self.received,
+                        self.server_wal_end,
+                        self._clock,
+                    ) = state
                     continue
             frame = frames.popleft()
             tag = frame[0]

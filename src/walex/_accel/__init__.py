@@ -61,6 +61,7 @@ def _setup(ext: ModuleType) -> None:
     # (walex.wire's table; datetime's types it knows through the datetime
     # module's C API). What it does not know goes to wire.encode_value, which
     # wire hands it with each call: this module is below wire.
+    from datetime import UTC, datetime
     from decimal import Decimal
     from enum import Enum
     from ipaddress import (
@@ -77,12 +78,13 @@ def _setup(ext: ModuleType) -> None:
     from psycopg.types.range import Range
 
     from ..errors import DecodeError
-    from ..events import Event, Source, Transaction
+    from ..events import Batch, Event, Source, Transaction
     from ..lsn import LSN
     from ..pgoutput.messages import UNCHANGED_TOAST, TupleData
 
     ext.setup(UNCHANGED_TOAST, TupleData, DecodeError)
     ext.setup_events(Event, LSN, frozenset())
+    ext.setup_transactions(Transaction, Batch, datetime(2000, 1, 1, tzinfo=UTC))
     ips = (IPv4Address, IPv6Address, IPv4Interface, IPv6Interface, IPv4Network, IPv6Network)
     ext.setup_wire(Source, Transaction, Decimal, UUID, Range, Multirange, Enum, ips)
     if orjson is not None:

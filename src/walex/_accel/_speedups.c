@@ -1027,6 +1027,292 @@ row_events(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 }
 
 /* ---------------------------------------------------------------------
+ * run_transactions(): plain transactions, frame to Batch, in C.
+ *
+ * The Python assembler (transactions.py) calls this first for every frame
+ * it reads outside a spooled (streamed or prepared) transaction. It takes
+ * Begin, Insert/Update/Delete (through frame_event) and Commit frames of
+ * plain transactions, and appends to the ready deque what the Python path
+ * would: a Batch per transaction (cut at max_events or max_bytes), or the
+ * commit's end LSN for a transaction with no change. It stops, leaving the
+ * frame in the deque, at anything else (a Relation, a keepalive, a truncate,
+ * an origin, a message, a value the fast path leaves to Python), and when a
+ * trip has made enough (a full batch, or max_events events, or max_ready
+ * items): several small transactions share one trip through the loop, each
+ * still its own Batch. The assembler's state travels in a 7-item list:
+ * [txn, seq, events, batch_bytes, received, server_wal_end, clock].
+ * --------------------------------------------------------------------- */
+#include <datetime.h>
+
+static PyObject *transaction_type = NULL;   /* walex.events.Transaction */
+static PyObject *batch_type = NULL;         /* walex.events.Batch */
+static PyObject *pg_epoch = NULL;           /* datetime(2000, 1, 1, tzinfo=UTC) */
+static PyObject *s_append = NULL;
+
+static PyObject *
+setup_transactions(PyObject *self, PyObject *args)
+{
+    PyObject *t, *b, *epoch;
+    if (!PyArg_ParseTuple(args, "OOO", &t, &b, &epoch))
+        return NULL;
+    if (!PyType_Check(t) || !PyType_Check(b)) {
+        PyErr_SetString(PyExc_TypeError, "setup_transactions(Transaction, Batch, epoch)");
+        return NULL;
+    }
+    if (PyDateTimeAPI == NULL) {
+        PyDateTime_IMPORT;
+        if (PyDateTimeAPI == NULL)
+            return NULL;
+    }
+    if (s_append == NULL && (s_append = PyUnicode_InternFromString("append")) == NULL)
+        return NULL;
+    Py_INCREF(t); Py_XDECREF(transaction_type); transaction_type = t;
+    Py_INCREF(b); Py_XDECREF(batch_type); batch_type = b;
+    Py_INCREF(epoch); Py_XDECREF(pg_epoch); pg_epoch = epoch;
+    Py_RETURN_NONE;
+}
+
+static uint64_t
+be64(const unsigned char *p)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+static PyObject *
+make_lsn(uint64_t value)
+{
+    return subtype_new(&PyLong_Type, lsn_type, PyLong_FromUnsignedLongLong(value));
+}
+
+/* Postgres' clock (µs since 2000-01-01 UTC) as an aware datetime: what
+ * _PG_EPOCH + timedelta(microseconds=us) gives in transactions.py. */
+static PyObject *
+pg_datetime(int64_t us)
+{
+    long long days = us / 86400000000LL;
+    long long rest = us % 86400000000LL;
+    if (rest < 0) {
+        rest += 86400000000LL;
+        days -= 1;
+    }
+    PyObject *delta = PyDelta_FromDSU((int)days, (int)(rest / 1000000), (int)(rest % 1000000));
+    if (delta == NULL)
+        return NULL;
+    PyObject *res = PyNumber_Add(pg_epoch, delta);
+    Py_DECREF(delta);
+    return res;
+}
+
+/* Batch(txn, events, last, end_lsn, size) */
+static PyObject *
+make_batch(PyObject *txn, PyObject *events, int last, PyObject *end_lsn, long long size)
+{
+    PyObject *size_obj = PyLong_FromLongLong(size);
+    if (size_obj == NULL)
+        return NULL;
+    PyObject *args[5] = {txn, events, last ? Py_True : Py_False, end_lsn, size_obj};
+    PyObject *batch = PyObject_Vectorcall(batch_type, args, 5, NULL);
+    Py_DECREF(size_obj);
+    return batch;
+}
+
+static PyObject *
+run_transactions(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError,
+            "run_transactions(frames, fast_map, ready, state, max_events, max_bytes, max_ready)");
+        return NULL;
+    }
+    if (transaction_type == NULL || lsn_type == NULL || event_type == NULL)
+        return fail("walex._accel._speedups: setup_transactions() was not called");
+    PyObject *frames = args[0], *fast_map = args[1], *ready = args[2], *state = args[3];
+    Py_ssize_t max_events = PyLong_AsSsize_t(args[4]);
+    long long max_bytes = PyLong_AsLongLong(args[5]);
+    Py_ssize_t max_ready = PyLong_AsSsize_t(args[6]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (!PyList_Check(state) || PyList_GET_SIZE(state) != 7) {
+        PyErr_SetString(PyExc_TypeError, "state must be a list of 7 items");
+        return NULL;
+    }
+    PyObject *txn = PyList_GET_ITEM(state, 0);
+    long long seq = PyLong_AsLongLong(PyList_GET_ITEM(state, 1));
+    PyObject *events = PyList_GET_ITEM(state, 2);
+    long long batch_bytes = PyLong_AsLongLong(PyList_GET_ITEM(state, 3));
+    unsigned long long received = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(state, 4));
+    unsigned long long wal_end = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(state, 5));
+    long long clock = PyLong_AsLongLong(PyList_GET_ITEM(state, 6));
+    if (PyErr_Occurred())
+        return NULL;
+    if (!PyList_Check(events)) {
+        PyErr_SetString(PyExc_TypeError, "events must be a list");
+        return NULL;
+    }
+    if (s_popleft == NULL && (s_popleft = PyUnicode_InternFromString("popleft")) == NULL)
+        return NULL;
+    Py_INCREF(txn);
+    Py_INCREF(events);
+    PyObject *popleft = PyObject_GetAttr(frames, s_popleft);
+    PyObject *append = popleft == NULL ? NULL : PyObject_GetAttr(ready, s_append);
+    if (append == NULL) {
+        Py_XDECREF(popleft);
+        Py_DECREF(txn);
+        Py_DECREF(events);
+        return NULL;
+    }
+    fast_cache_t cache = {0, NULL};
+    long taken = 0;
+    Py_ssize_t made = 0, trip_events = 0;
+    int failed = 0;
+    for (;;) {
+        Py_ssize_t n = PyObject_Length(ready);
+        if (n < 0) { failed = 1; break; }
+        if (n >= max_ready || trip_events >= max_events)
+            break;
+        n = PyObject_Length(frames);
+        if (n < 0) { failed = 1; break; }
+        if (n == 0)
+            break;
+        PyObject *frame = PySequence_GetItem(frames, 0);
+        if (frame == NULL) { failed = 1; break; }
+        if (!PyBytes_Check(frame) || PyBytes_GET_SIZE(frame) < 26 ||
+            PyBytes_AS_STRING(frame)[0] != 'w') {
+            Py_DECREF(frame);
+            break;
+        }
+        const unsigned char *buf = (const unsigned char *)PyBytes_AS_STRING(frame);
+        Py_ssize_t len = PyBytes_GET_SIZE(frame);
+        unsigned char tag = buf[25];
+        PyObject *item = NULL;     /* what goes to ready, if anything */
+        int handled = 0;
+        if (txn == Py_None) {
+            if (tag == 'B' && len == 25 + 21) {
+                PyObject *lsn = make_lsn(be64(buf + 26));
+                PyObject *when = lsn == NULL ? NULL : pg_datetime((int64_t)be64(buf + 34));
+                uint32_t xid = (uint32_t)((buf[42] << 24) | (buf[43] << 16) | (buf[44] << 8) | buf[45]);
+                PyObject *xid_obj = when == NULL ? NULL : PyLong_FromUnsignedLong(xid);
+                PyObject *new_txn = NULL;
+                if (xid_obj != NULL) {
+                    PyObject *targs[3] = {xid_obj, lsn, when};
+                    new_txn = PyObject_Vectorcall(transaction_type, targs, 3, NULL);
+                }
+                Py_XDECREF(lsn);
+                Py_XDECREF(when);
+                Py_XDECREF(xid_obj);
+                PyObject *new_events = new_txn == NULL ? NULL : PyList_New(0);
+                if (new_events == NULL) {
+                    Py_XDECREF(new_txn);
+                    Py_DECREF(frame);
+                    failed = 1;
+                    break;
+                }
+                Py_SETREF(txn, new_txn);
+                Py_SETREF(events, new_events);
+                seq = 0;
+                batch_bytes = 0;
+                handled = 1;
+            }
+        }
+        else if (tag == 'C' && len == 25 + 26) {
+            PyObject *end_lsn = make_lsn(be64(buf + 35));
+            if (end_lsn == NULL) { Py_DECREF(frame); failed = 1; break; }
+            batch_bytes += len;
+            if (seq) {
+                item = make_batch(txn, events, 1, end_lsn, batch_bytes);
+                Py_DECREF(end_lsn);
+                if (item == NULL) { Py_DECREF(frame); failed = 1; break; }
+            }
+            else
+                item = end_lsn;
+            PyObject *new_events = PyList_New(0);
+            if (new_events == NULL) { Py_DECREF(item); Py_DECREF(frame); failed = 1; break; }
+            Py_SETREF(events, new_events);
+            Py_INCREF(Py_None);
+            Py_SETREF(txn, Py_None);
+            batch_bytes = 0;
+            handled = 1;
+        }
+        else if (tag == 'I' || tag == 'U' || tag == 'D') {
+            PyObject *seq_obj = PyLong_FromLongLong(seq);
+            PyObject *event = seq_obj == NULL ? NULL
+                              : frame_event(frame, fast_map, txn, seq_obj, &cache);
+            Py_XDECREF(seq_obj);
+            if (event == NULL) { Py_DECREF(frame); failed = 1; break; }
+            if (event == Py_None) {     /* not for the fast path: Python takes it */
+                Py_DECREF(event);
+                Py_DECREF(frame);
+                break;
+            }
+            if (PyList_Append(events, event) < 0) {
+                Py_DECREF(event); Py_DECREF(frame); failed = 1; break;
+            }
+            Py_DECREF(event);
+            seq++;
+            trip_events++;
+            batch_bytes += len;
+            if (PyList_GET_SIZE(events) >= max_events || batch_bytes >= max_bytes) {
+                /* A full part of a large transaction: hand it on, end the trip. */
+                item = make_batch(txn, events, 0, Py_None, batch_bytes);
+                PyObject *new_events = item == NULL ? NULL : PyList_New(0);
+                if (new_events == NULL) {
+                    Py_XDECREF(item); Py_DECREF(frame); failed = 1; break;
+                }
+                Py_SETREF(events, new_events);
+                batch_bytes = 0;
+                trip_events = max_events;
+            }
+            handled = 1;
+        }
+        if (!handled) {
+            Py_DECREF(frame);
+            break;
+        }
+        /* The frame is used: take it off the deque, note the positions. */
+        PyObject *gone = PyObject_CallNoArgs(popleft);
+        if (gone == NULL) { Py_XDECREF(item); Py_DECREF(frame); failed = 1; break; }
+        Py_DECREF(gone);
+        unsigned long long lsn = be64(buf + 1), end = be64(buf + 9);
+        clock = (long long)be64(buf + 17);
+        if (end > wal_end) wal_end = end;
+        if (lsn > received) received = lsn;
+        Py_DECREF(frame);
+        taken++;
+        if (item != NULL) {
+            PyObject *res = PyObject_CallOneArg(append, item);
+            Py_DECREF(item);
+            if (res == NULL) { failed = 1; break; }
+            Py_DECREF(res);
+            made++;
+        }
+    }
+    Py_DECREF(popleft);
+    Py_DECREF(append);
+    Py_XDECREF(cache.fast);
+    /* Write the state back, whatever happened: what was taken is accounted for. */
+    PyObject *vals[7] = {
+        txn, PyLong_FromLongLong(seq), events, PyLong_FromLongLong(batch_bytes),
+        PyLong_FromUnsignedLongLong(received), PyLong_FromUnsignedLongLong(wal_end),
+        PyLong_FromLongLong(clock),
+    };
+    int bad = 0;
+    for (int i = 0; i < 7; i++) {
+        if (vals[i] == NULL) { bad = 1; continue; }
+        if (i == 0 || i == 2)
+            Py_INCREF(vals[i]);
+        PyList_SetItem(state, i, vals[i]);   /* steals */
+    }
+    Py_DECREF(txn);
+    Py_DECREF(events);
+    if (failed || bad)
+        return NULL;
+    return PyLong_FromLong(taken);
+}
+
+/* ---------------------------------------------------------------------
  * encode_event(): an Event to its wire bytes, the document walex.wire.dumps
  * writes (wire.to_dict encoded by json.dumps with ensure_ascii=False and
  * separators (",", ":")), UTF-8 encoded, byte for byte.
@@ -2464,6 +2750,10 @@ encode_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 }
 
 static PyMethodDef methods[] = {
+    {"setup_transactions", setup_transactions, METH_VARARGS,
+     "setup_transactions(Transaction, Batch, pg_epoch)"},
+    {"run_transactions", (PyCFunction)(void (*)(void))run_transactions, METH_FASTCALL,
+     "run_transactions(frames, fast_map, ready, state, max_events, max_bytes, max_ready) -> taken"},
     {"setup_wire", setup_wire, METH_VARARGS,
      "setup_wire(Source, Transaction, Decimal, UUID, Range, Multirange, Enum, ip_types)"},
     {"encode_event", (PyCFunction)(void (*)(void))encode_event, METH_FASTCALL,

@@ -33,3 +33,13 @@ def setup_wire(
     ip_types: tuple[type, ...],
 ) -> None: ...
 def encode_event(event: Any, fallback: Callable[[Any], Any]) -> bytes | None: ...
+def setup_transactions(transaction: type, batch: type, pg_epoch: Any) -> None: ...
+def run_transactions(
+    frames: Any,
+    fast_map: dict[int, tuple[Any, ...]],
+    ready: Any,
+    state: list[Any],
+    max_events: int,
+    max_bytes: int,
+    max_ready: int,
+) -> int: ...
